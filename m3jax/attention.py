@@ -1,0 +1,118 @@
+"""One attention dispatcher for every backend.
+
+All implementations take q, k, v of shape [B, T, N, H] and a key padding mask [B, T] (True = real token) and
+return [B, T, N, H] in v's dtype. Softmax always runs in float32. Rows of padded queries are computed but
+meaningless; callers never read them.
+
+- "xla":     plain einsum + softmax; materialises [B, N, T, T] float32 scores.
+- "chunked": the same maths over query blocks (lax.map), so at most [B, N, C, T] scores live at once; what an
+             8,192-token document needs on CPU and other backends without a fused kernel.
+- "cudnn":   jax.nn.dot_product_attention with sequence lengths (fused flash attention on NVIDIA GPUs, bf16/fp16).
+- "splash":  Pallas splash attention for TPU (runs in interpret mode elsewhere, for testing).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+
+Impl = Literal["auto", "xla", "chunked", "cudnn", "splash"]
+IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
+
+# Above this many query tokens the XLA path would hold N*T*T*4 bytes of scores per layer (1 GiB at T=4096, N=16).
+CHUNK_THRESHOLD = 2048
+CHUNK_SIZE = 512
+
+
+def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None) -> str:
+    """Picks an implementation from backend, length and dtype."""
+    backend = backend or jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    if backend == "tpu" and seq_len % 128 == 0:
+        return "splash"
+    return "chunked" if seq_len > CHUNK_THRESHOLD else "xla"
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "auto") -> jax.Array:
+    """Bidirectional attention with a key padding mask.
+
+    Args:
+      q, k, v: [B, T, N, H].
+      mask: [B, T] bool, True for real tokens; padding is on the right (XLM-R's default).
+      impl: one of IMPLS; "auto" chooses by backend, length and dtype.
+    Returns:
+      [B, T, N, H] in v.dtype.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
+    if impl == "auto":
+        impl = choose_impl(q.shape[1], q.dtype)
+    if impl == "xla":
+        return _xla(q, k, v, mask)
+    if impl == "chunked":
+        return _chunked(q, k, v, mask)
+    if impl == "cudnn":
+        return _cudnn(q, k, v, mask)
+    return _splash(q, k, v, mask)
+
+
+def _xla(q, k, v, mask):
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
+    # Additive finfo.min, as transformers' eager XLM-R: a row with no real key stays finite.
+    scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
+
+
+def _chunked(q, k, v, mask, chunk: int = CHUNK_SIZE):
+    b, t, n, h = q.shape
+    if t <= chunk:
+        return _xla(q, k, v, mask)
+    pad = -t % chunk
+    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
+    blocks = qp.reshape(b, (t + pad) // chunk, chunk, n, h).swapaxes(0, 1)  # [C, B, chunk, N, H]
+    out = jax.lax.map(lambda qb: _xla(qb, k, v, mask), blocks)
+    return out.swapaxes(0, 1).reshape(b, t + pad, n, h)[:, :t]
+
+
+def _cudnn(q, k, v, mask):
+    lengths = mask.sum(-1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(
+        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation="cudnn"
+    )
+
+
+@functools.cache
+def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as sm
+
+    full = sm.FullMask((seq_len, seq_len))
+    multi = sm.MultiHeadMask([full] * num_heads)
+    block = min(512, seq_len)
+    sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
+                          block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block)
+    return sk.make_splash_mha(multi, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
+
+
+def _splash(q, k, v, mask):
+    b, t, n, h = q.shape
+    from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
+
+    kernel = _splash_kernel(t, n, jax.default_backend() != "tpu")
+    scale = 1.0 / math.sqrt(h)
+    # Padding enters through segment ids: real tokens are segment 0, padding segment 1, so a real query never
+    # attends to padding (padded queries attend only to padding, and are never read).
+    seg = jnp.where(mask, 0, 1).astype(jnp.int32)
+
+    def one(qb, kb, vb, sb):  # [N, T, H] each
+        return kernel(qb * jnp.asarray(scale, qb.dtype), kb, vb, segment_ids=sk.SegmentIds(q=sb, kv=sb))
+
+    out = jax.vmap(one)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), seg)
+    return out.swapaxes(1, 2).astype(v.dtype)

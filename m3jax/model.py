@@ -1,0 +1,215 @@
+"""Flax NNX XLM-RoBERTa encoder with the three BGE-M3 heads, and the pure jitted forward over split state.
+
+Parameter names follow transformers' XLMRobertaModel (`embeddings.word_embeddings`, `attention.self.query`,
+`intermediate.dense`, `LayerNorm`) so the conversion table is short. The 24 encoder layers are stored stacked
+(leading axis L) under `encoder.layer` and run with `jax.lax.scan`: one layer is compiled, not 24.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from m3jax.attention import attention
+from m3jax.config import M3Config
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def resolve_dtype(dtype: Any) -> jnp.dtype:
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        return jnp.dtype(DTYPES[dtype])
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+    return dtype
+
+
+def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype,
+                      kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def _layer_norm(dim: int, cfg: M3Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
+    # LayerNorm runs and stores its parameters in float32 whatever the model dtype.
+    return nnx.LayerNorm(dim, epsilon=cfg.layer_norm_eps, use_fast_variance=False,
+                         dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        init = nnx.initializers.normal(0.02)
+        d = cfg.hidden_size
+        self.word_embeddings = nnx.Embed(cfg.vocab_size, d, dtype=dtype, param_dtype=dtype,
+                                         embedding_init=init, rngs=rngs)
+        self.position_embeddings = nnx.Embed(cfg.max_position_embeddings, d, dtype=dtype, param_dtype=dtype,
+                                             embedding_init=init, rngs=rngs)
+        self.token_type_embeddings = nnx.Embed(cfg.type_vocab_size, d, dtype=dtype, param_dtype=dtype,
+                                               embedding_init=init, rngs=rngs)
+        self.LayerNorm = _layer_norm(d, cfg, rngs)
+        self.pad_token_id = cfg.pad_token_id
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """[B, T] int -> [B, T, D] float32."""
+        # XLM-R positions: real tokens count up from pad_id + 1; pad tokens sit on row pad_id. Keyed on the ids,
+        # not the attention mask, exactly as create_position_ids_from_input_ids.
+        real = (input_ids != self.pad_token_id).astype(jnp.int32)
+        positions = jnp.cumsum(real, axis=1) * real + self.pad_token_id
+        x = (self.word_embeddings(input_ids).astype(jnp.float32)
+             + self.token_type_embeddings.embedding[0].astype(jnp.float32)
+             + self.position_embeddings(positions).astype(jnp.float32))
+        return self.LayerNorm(x)
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        d = cfg.hidden_size
+        self.query = _linear(d, d, dtype, rngs)
+        self.key = _linear(d, d, dtype, rngs)
+        self.value = _linear(d, d, dtype, rngs)
+        self.num_heads = cfg.num_heads
+
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+        """x [B, T, D], mask [B, T] -> context [B, T, D]."""
+        b, t, d = x.shape
+        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731  [B, T, N, H]
+        ctx = attention(split(self.query(x)), split(self.key(x)), split(self.value(x)), mask, impl=impl)
+        return ctx.reshape(b, t, d)
+
+
+class Output(nnx.Module):
+    """dense -> (dropout) -> LayerNorm(residual + .): BertSelfOutput and BertOutput alike."""
+
+    def __init__(self, din: int, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        self.dense = _linear(din, cfg.hidden_size, dtype, rngs)
+        self.LayerNorm = _layer_norm(cfg.hidden_size, cfg, rngs)
+
+    def __call__(self, h: jax.Array, residual: jax.Array) -> jax.Array:
+        return self.LayerNorm(self.dense(h).astype(jnp.float32) + residual)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        self.self = SelfAttention(cfg, dtype, rngs)
+        self.output = Output(cfg.hidden_size, cfg, dtype, rngs)
+
+
+class Intermediate(nnx.Module):
+    def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        self.dense = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return jax.nn.gelu(self.dense(x), approximate=False)  # exact erf GELU, as torch's default
+
+
+class Layer(nnx.Module):
+    """Post-LN BERT layer."""
+
+    def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        self.attention = Attention(cfg, dtype, rngs)
+        self.intermediate = Intermediate(cfg, dtype, rngs)
+        self.output = Output(cfg.intermediate_size, cfg, dtype, rngs)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+        """x [B, T, D] float32 residual stream -> [B, T, D] float32."""
+        h = x.astype(self.dtype)
+        x = self.attention.output(self.attention.self(h, mask, impl), x)
+        return self.output(self.intermediate(x.astype(self.dtype)), x)
+
+
+class Encoder(nnx.Module):
+    def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=cfg.num_layers)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(r: nnx.Rngs) -> Layer:
+            return Layer(cfg, dtype, r)
+
+        self.layer = make(rngs)  # every parameter has a leading [L] axis
+
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+        graphdef, state = nnx.split(self.layer)
+
+        def body(h, layer_state):
+            return nnx.merge(graphdef, layer_state)(h, mask, impl), None
+
+        x, _ = jax.lax.scan(body, x, state)
+        return x
+
+
+class BGEM3Model(nnx.Module):
+    """XLM-RoBERTa + dense (CLS), sparse (`sparse_linear`, D -> 1) and ColBERT (`colbert_linear`, D -> C) heads."""
+
+    def __init__(self, cfg: M3Config, *, dtype: Any = "float32", rngs: nnx.Rngs | None = None):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        dtype = resolve_dtype(dtype)
+        self.config = cfg
+        self.dtype = dtype
+        self.embeddings = Embeddings(cfg, dtype, rngs)
+        self.encoder = Encoder(cfg, dtype, rngs)
+        self.colbert_linear = _linear(cfg.hidden_size, cfg.colbert_dim, dtype, rngs)
+        self.sparse_linear = _linear(cfg.hidden_size, 1, dtype, rngs)
+
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto") -> dict:
+        """Runs the encoder and all three heads.
+
+        Args:
+          input_ids: [B, T] int, right-padded with pad_token_id.
+          attention_mask: [B, T], 1 for real tokens.
+        Returns a dict of float32 arrays:
+          last_hidden_state [B, T, D];
+          dense [B, D]: L2-normalised CLS vector;
+          sparse [B, T]: relu(sparse_linear(h)) per token, padding included (callers mask);
+          colbert [B, T-1, C]: colbert_linear(h[:, 1:]) masked, then L2-normalised (padding rows are 0).
+        """
+        mask = attention_mask.astype(bool)
+        h = self.encoder(self.embeddings(input_ids), mask, attn_impl)
+        hc = h.astype(self.dtype)
+        sparse = jax.nn.relu(self.sparse_linear(hc).astype(jnp.float32))[..., 0]
+        colbert = self.colbert_linear(hc[:, 1:]).astype(jnp.float32) * mask[:, 1:, None]
+        return {
+            "last_hidden_state": h,
+            "dense": l2_normalize(h[:, 0]),
+            "sparse": sparse,
+            "colbert": l2_normalize(colbert),
+        }
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+    """x / max(||x||, eps) over the last axis, in float32 (torch.nn.functional.normalize)."""
+    x = x.astype(jnp.float32)
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def init_model(cfg: M3Config, *, dtype: Any = "float32", seed: int = 0) -> BGEM3Model:
+    """A randomly initialised model (the demo's offline fallback, tests, fine-tuning from scratch)."""
+    return BGEM3Model(cfg, dtype=dtype, rngs=nnx.Rngs(seed))
+
+
+def abstract_model(cfg: M3Config, *, dtype: Any = "float32") -> BGEM3Model:
+    """The model's structure with ShapeDtypeStruct leaves: no memory, for restoring checkpoints."""
+    return nnx.eval_shape(lambda: BGEM3Model(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
+def model_from_params(cfg: M3Config, params: Any, *, dtype: Any = "float32") -> BGEM3Model:
+    """Builds the model around a (float32) parameter tree, casting each leaf to the model's own dtype."""
+    graphdef, abstract = nnx.split(abstract_model(cfg, dtype=dtype))
+    pure = nnx.to_pure_dict(abstract)
+    cast = jax.tree_util.tree_map(lambda a, p: jnp.asarray(p, dtype=a.dtype), pure, dict(params))
+    nnx.replace_by_pure_dict(abstract, cast)
+    return nnx.merge(graphdef, abstract)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "outputs"))
+def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+            *, attn_impl: str = "auto", outputs: tuple[str, ...] = ("last_hidden_state", "dense", "sparse",
+                                                                   "colbert")) -> dict:
+    """Pure jitted forward over `nnx.split(model)`; returns the requested subset of BGEM3Model's outputs."""
+    out = nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl)
+    return {k: out[k] for k in outputs}

