@@ -156,29 +156,39 @@ class BGEM3Model(nnx.Module):
         self.colbert_linear = _linear(cfg.hidden_size, cfg.colbert_dim, dtype, rngs)
         self.sparse_linear = _linear(cfg.hidden_size, 1, dtype, rngs)
 
-    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto") -> dict:
+    def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto",
+                 pooling: str = "cls", normalize: bool = True, truncate_dim: int | None = None) -> dict:
         """Runs the encoder and all three heads.
 
         Args:
           input_ids: [B, T] int, right-padded with pad_token_id.
           attention_mask: [B, T], 1 for real tokens.
+          attn_impl: see m3jax.attention.
+          pooling: "cls" (BGE-M3) or "mean" (masked mean), as FlagEmbedding's pooling_method.
+          normalize: L2-normalise dense and ColBERT vectors (FlagEmbedding's normalize_embeddings).
+          truncate_dim: keep only the first dims of dense and ColBERT vectors, before normalising.
         Returns a dict of float32 arrays:
           last_hidden_state [B, T, D];
-          dense [B, D]: L2-normalised CLS vector;
+          dense [B, D]: pooled (CLS) vector;
           sparse [B, T]: relu(sparse_linear(h)) per token, padding included (callers mask);
-          colbert [B, T-1, C]: colbert_linear(h[:, 1:]) masked, then L2-normalised (padding rows are 0).
+          colbert [B, T-1, C]: colbert_linear(h[:, 1:]) with padding rows zeroed.
         """
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         mask = attention_mask.astype(bool)
         h = self.encoder(self.embeddings(input_ids), mask, attn_impl)
         hc = h.astype(self.dtype)
+        if pooling == "cls":
+            dense = h[:, 0]
+        else:
+            dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
         sparse = jax.nn.relu(self.sparse_linear(hc).astype(jnp.float32))[..., 0]
         colbert = self.colbert_linear(hc[:, 1:]).astype(jnp.float32) * mask[:, 1:, None]
-        return {
-            "last_hidden_state": h,
-            "dense": l2_normalize(h[:, 0]),
-            "sparse": sparse,
-            "colbert": l2_normalize(colbert),
-        }
+        if truncate_dim is not None:
+            dense, colbert = dense[..., :truncate_dim], colbert[..., :truncate_dim]
+        if normalize:
+            dense, colbert = l2_normalize(dense), l2_normalize(colbert)
+        return {"last_hidden_state": h, "dense": dense, "sparse": sparse, "colbert": colbert}
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:

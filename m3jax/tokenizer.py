@@ -32,8 +32,8 @@ class Tokenizer:
         self.cleanup = bool(cfg.get("clean_up_tokenization_spaces", False))
         self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, texts: list[str], max_length: int) -> list[np.ndarray]:
-        """Token ids per text, `<s>` and `</s>` included, at most max(max_length, 2) long.
+    def encode(self, texts: list[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray]:
+        """(token ids per text, `<s>` and `</s>` included, at most max(max_length, 2) long; [N] bool truncated).
 
         tokenizers cannot truncate below the two special tokens (it then returns the text untruncated, and so
         does FlagEmbedding); m3jax keeps `<s></s>` instead, so no output ever exceeds the position table.
@@ -42,7 +42,9 @@ class Tokenizer:
         if self._max_length != max_length:
             self._tok.enable_truncation(max_length)
             self._max_length = max_length
-        return [np.asarray(e.ids, dtype=np.int32) for e in self._tok.encode_batch(texts)]
+        encodings = self._tok.encode_batch(texts)
+        ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+        return ids, np.array([bool(e.overflowing) for e in encodings], dtype=bool)
 
     def decode_one(self, token_id: int) -> str:
         """transformers' `tokenizer.decode([token_id])`."""

@@ -1,0 +1,384 @@
+"""`BGEM3`: FlagEmbedding's BGEM3FlagModel surface over the JAX pipeline (`from m3jax import BGEM3FlagModel`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m3jax import checkpoint
+from m3jax import encode as pipeline
+try:
+    from m3jax import scoring
+except ImportError:  # TEMP until scoring lands
+    scoring = None
+from m3jax.config import M3Config
+from m3jax.model import BGEM3Model, model_from_params, resolve_dtype
+from m3jax.tokenizer import Tokenizer
+
+logger = logging.getLogger("m3jax")
+
+SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
+
+
+def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
+    """Turns on JAX's persistent compilation cache (default `$M3JAX_HOME/jax_cache`), unless the user already
+    configured one or passed False. Returns the directory in use."""
+    current = jax.config.jax_compilation_cache_dir
+    if cache is False:
+        return current
+    if current and cache is True:
+        return current
+    path = str(checkpoint.cache_root() / "jax_cache") if cache is True else str(cache)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    return path
+
+
+def _resolve_devices(devices: Any) -> list:
+    if devices is None:
+        return jax.local_devices()
+    items = devices if isinstance(devices, (list, tuple)) else [devices]
+    out = []
+    for d in items:
+        if isinstance(d, jax.Device):
+            out.append(d)
+        elif isinstance(d, int):
+            out.append(jax.local_devices()[d])
+        elif isinstance(d, str):
+            name, _, num = d.partition(":")
+            name = {"cuda": "gpu"}.get(name, name)
+            try:
+                devs = jax.local_devices(backend=name)
+            except RuntimeError as e:
+                raise ValueError(f"device {d!r}: no {name} backend available ({e})") from None
+            out.extend([devs[int(num)]] if num else devs)
+        else:
+            raise TypeError(f"devices: cannot interpret {d!r} ({type(d).__name__})")
+    return out
+
+
+class BGEM3:
+    """BGE-M3 in JAX with FlagEmbedding's BGEM3FlagModel API.
+
+    Differences from FlagEmbedding 1.4.2, all deliberate:
+      - dtype: "float32" or "bfloat16". use_fp16/use_bf16 are accepted for compatibility: use_bf16, or use_fp16
+        on an accelerator, selects bfloat16 (XLA has no fp16 path worth taking); on CPU use_fp16 keeps float32,
+        which is what FlagEmbedding ends up computing on CPU too.
+      - batching is by length bucket and token budget (see m3jax.encode); batch_size caps the rows of a batch.
+        There is no out-of-memory probe: nothing is computed twice.
+      - unknown keyword arguments raise TypeError (FlagEmbedding forwards them to the tokenizer).
+      - max_length=1 keeps `<s></s>` (FlagEmbedding's tokenizer then silently skips truncation).
+      - compute_score on an empty list returns the dict of empty lists; FlagEmbedding returns [].
+      - colbert_score returns a numpy float32 scalar rather than a 0-d torch tensor.
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str | os.PathLike = "BAAI/bge-m3",
+        *,
+        dtype: str | None = None,
+        use_fp16: bool = True,
+        use_bf16: bool = False,
+        normalize_embeddings: bool = True,
+        pooling_method: str = "cls",
+        query_instruction_for_retrieval: str | None = None,
+        query_instruction_format: str = "{}{}",
+        passage_instruction_for_retrieval: str | None = None,
+        passage_instruction_format: str = "{}{}",
+        devices: Any = None,
+        cache_dir: str | None = None,
+        colbert_dim: int = -1,
+        batch_size: int = 256,
+        query_max_length: int = 512,
+        passage_max_length: int = 512,
+        return_dense: bool = True,
+        return_sparse: bool = False,
+        return_colbert_vecs: bool = False,
+        truncate_dim: int | None = None,
+        max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
+        attn_impl: str = "auto",
+        compilation_cache: bool | str = True,
+        show_progress: bool | None = None,
+        trust_remote_code: bool = False,  # accepted for compatibility; nothing remote is ever executed
+    ):
+        del trust_remote_code
+        self.devices = _resolve_devices(devices)
+        if dtype is None:
+            accel = self.devices[0].platform != "cpu"
+            dtype = "bfloat16" if use_bf16 or (use_fp16 and accel) else "float32"
+        self.dtype = resolve_dtype(dtype)
+        self.compilation_cache_dir = configure_compilation_cache(compilation_cache)
+        cfg, params, tokenizer_dir = _load(model_name_or_path, cache_dir=cache_dir)
+        if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:
+            raise ValueError(f"colbert_dim={colbert_dim}, but the checkpoint's ColBERT head has {cfg.colbert_dim}")
+        self._set_model(cfg, params, tokenizer_dir)
+        self.model_name_or_path = str(model_name_or_path)
+        self.normalize_embeddings = normalize_embeddings
+        if pooling_method not in ("cls", "mean"):
+            raise ValueError(f"pooling_method must be 'cls' or 'mean', got {pooling_method!r}")
+        self.pooling_method = pooling_method
+        self.query_instruction_for_retrieval = query_instruction_for_retrieval
+        self.query_instruction_format = query_instruction_format
+        self.passage_instruction_for_retrieval = passage_instruction_for_retrieval
+        self.passage_instruction_format = passage_instruction_format
+        self.batch_size = batch_size
+        self.query_max_length = query_max_length
+        self.passage_max_length = passage_max_length
+        self.return_dense = return_dense
+        self.return_sparse = return_sparse
+        self.return_colbert_vecs = return_colbert_vecs
+        self.truncate_dim = truncate_dim
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.attn_impl = attn_impl
+        self.show_progress = show_progress
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike = "BAAI/bge-m3", *, dtype: str = "float32",
+                        **kwargs) -> BGEM3:
+        """Loads an m3jax directory, a release-layout directory, or a hub id (converted once, then cached)."""
+        return cls(name_or_path, dtype=dtype, **kwargs)
+
+    # ----------------------------------------------------------------------------------------------- model
+    def _set_model(self, cfg: M3Config, params, tokenizer_dir) -> None:
+        self.config = cfg
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.tokenizer = Tokenizer(tokenizer_dir)
+        model = model_from_params(cfg, params, dtype=self.dtype)
+        self.graphdef, state = nnx.split(model)
+        if len(self.devices) > 1:
+            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
+            self._row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        else:
+            self._row_sharding = None
+            self.state = jax.device_put(state, self.devices[0])
+
+    @property
+    def model(self) -> BGEM3Model:
+        """The NNX module (a view over the current state), for research and fine-tuning."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def params(self) -> dict:
+        """float32 numpy parameter tree (what checkpoints store)."""
+        pure = nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
+        return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), pure)
+
+    def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Writes an m3jax directory (orbax params, config, tokenizer)."""
+        return checkpoint.save_m3jax(path, self.config, self.params, self.tokenizer_dir, overwrite=overwrite)
+
+    # ---------------------------------------------------------------------------------------------- encode
+    def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
+               return_dense: bool | None = None, return_sparse: bool | None = None,
+               return_colbert_vecs: bool | None = None, *, show_progress: bool | None = None) -> dict:
+        """FlagEmbedding's encode: {"dense_vecs", "lexical_weights", "colbert_vecs"}, None for heads not asked."""
+        return self._encode_flag(sentences, batch_size, max_length, self.passage_max_length, return_dense,
+                                 return_sparse, return_colbert_vecs, show_progress, None, "{}{}")
+
+    def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
+                       max_length: int | None = None, return_dense: bool | None = None,
+                       return_sparse: bool | None = None, return_colbert_vecs: bool | None = None, *,
+                       show_progress: bool | None = None) -> dict:
+        """encode() with query_max_length and the query instruction, if any."""
+        return self._encode_flag(queries, batch_size, max_length, self.query_max_length, return_dense,
+                                 return_sparse, return_colbert_vecs, show_progress,
+                                 self.query_instruction_for_retrieval, self.query_instruction_format)
+
+    def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
+                      max_length: int | None = None, return_dense: bool | None = None,
+                      return_sparse: bool | None = None, return_colbert_vecs: bool | None = None, *,
+                      show_progress: bool | None = None) -> dict:
+        """encode() with passage_max_length and the passage instruction, if any."""
+        return self._encode_flag(corpus, batch_size, max_length, self.passage_max_length, return_dense,
+                                 return_sparse, return_colbert_vecs, show_progress,
+                                 self.passage_instruction_for_retrieval, self.passage_instruction_format)
+
+    def _encode_flag(self, sentences, batch_size, max_length, default_max_length, return_dense, return_sparse,
+                     return_colbert_vecs, show_progress, instruction, instruction_format) -> dict:
+        max_length = default_max_length if max_length is None else max_length
+        single = isinstance(sentences, str)
+        texts = [sentences] if single else sentences
+        if instruction is not None:
+            _check_texts(texts)
+            fmt = instruction_format.replace("\\n", "\n")
+            texts = [fmt.format(instruction, t) for t in texts]
+        heads = self._heads(return_dense, return_sparse, return_colbert_vecs)
+        res = self.encode_padded(texts, batch_size=batch_size, max_length=max_length, heads=heads,
+                                 show_progress=show_progress)
+        out = {
+            "dense_vecs": res.dense if "dense" in heads else None,
+            "lexical_weights": res.lexical_dicts() if "sparse" in heads else None,
+            "colbert_vecs": res.colbert_list() if "colbert" in heads else None,
+        }
+        if single:
+            out = {k: (v[0] if v is not None else None) for k, v in out.items()}
+        return out
+
+    def _heads(self, return_dense, return_sparse, return_colbert_vecs) -> tuple[str, ...]:
+        flags = (self.return_dense if return_dense is None else return_dense,
+                 self.return_sparse if return_sparse is None else return_sparse,
+                 self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs)
+        heads = tuple(h for h, f in zip(pipeline.HEADS, flags) if f)
+        if not heads:
+            raise ValueError("nothing to compute: set one of return_dense, return_sparse, return_colbert_vecs")
+        return heads
+
+    def encode_padded(self, sentences: Sequence[str], *, batch_size: int | None = None,
+                      max_length: int | None = None, heads: Sequence[str] = pipeline.HEADS,
+                      show_progress: bool | None = None) -> pipeline.EncodeResult:
+        """The JAX-native encode: padded arrays in input order (see EncodeResult for the vector-store formats)."""
+        texts = list(_check_texts(sentences))
+        batch_size = self.batch_size if batch_size is None else batch_size
+        max_length = self.passage_max_length if max_length is None else max_length
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        limit = self.config.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
+            raise ValueError(f"max_length must be an int in 1 ... {limit}, got {max_length!r}")
+        if not heads or set(heads) - set(pipeline.HEADS):
+            raise ValueError(f"heads must be a non-empty subset of {pipeline.HEADS}, got {heads!r}")
+        heads = tuple(h for h in pipeline.HEADS if h in heads)
+
+        ids, truncated = self.tokenizer.encode(texts, max_length)
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        if truncated.any():
+            logger.warning("%d of %d text(s) truncated to max_length=%d tokens (first: index %d); "
+                           "EncodeResult.truncated lists them", int(truncated.sum()), len(texts), max_length,
+                           int(np.argmax(truncated)))
+        ndev = len(self.devices)
+        plan = pipeline.plan_batches(lengths, batch_size=max(batch_size, ndev) if ndev > 1 else batch_size,
+                                   max_tokens=self.max_tokens_per_batch, row_multiple=ndev)
+        cfg = self.config
+        batches = [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
+                   for L, rows, idx in plan]
+
+        def step(b: pipeline.Batch) -> dict:
+            ids_, mask_ = b.input_ids, b.attention_mask
+            if self._row_sharding is not None:
+                ids_, mask_ = jax.device_put((ids_, mask_), self._row_sharding)
+            return pipeline.encode_step(self.graphdef, self.state, ids_, mask_, heads=heads,
+                                      attn_impl=self.attn_impl, pooling=self.pooling_method,
+                                      normalize=self.normalize_embeddings, truncate_dim=self.truncate_dim,
+                                      special_ids=cfg.special_ids)
+
+        progress = self._progress(len(texts), batch_size, show_progress)
+        try:
+            return pipeline.run(batches, step, len(texts), lengths, truncated, heads, progress)
+        finally:
+            if progress is not None:
+                progress.close()
+
+    def _progress(self, n: int, batch_size: int, show: bool | None):
+        show = self.show_progress if show is None else show
+        if show is None:
+            show = n >= batch_size and n > 1  # as FlagEmbedding: a bar only for inputs of several batches
+        if not show:
+            return None
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:
+            return None
+        return tqdm(total=n, desc="Inference Embeddings", file=sys.stderr)
+
+    # --------------------------------------------------------------------------------------------- scoring
+    def compute_score(self, sentence_pairs: Sequence[tuple[str, str]] | tuple[str, str],
+                      batch_size: int | None = None, max_query_length: int | None = None,
+                      max_passage_length: int | None = None,
+                      weights_for_different_modes: Sequence[float] | None = None) -> dict:
+        """FlagEmbedding's compute_score: per pair "colbert", "sparse", "dense", "sparse+dense" and
+        "colbert+sparse+dense" as Python floats (scalars for a single pair).
+
+        weights_for_different_modes = [w_dense, w_sparse, w_colbert], default [1, 1, 1]; the combined scores are
+        weighted averages. ColBERT follows FlagEmbedding exactly, including its zero floor: FlagEmbedding pads each
+        batch of batch_size pairs to its longest passage, and the padded zero vectors take part in the max, so a
+        query token's score is max(best real dot product, 0) for every passage shorter than its batch's longest.
+        """
+        single = isinstance(sentence_pairs, (tuple, list)) and len(sentence_pairs) == 2 \
+            and isinstance(sentence_pairs[0], str)
+        pairs = [tuple(sentence_pairs)] if single else list(sentence_pairs)
+        for i, p in enumerate(pairs):
+            if not (isinstance(p, (tuple, list)) and len(p) == 2 and all(isinstance(t, str) for t in p)):
+                raise TypeError(f"sentence_pairs[{i}] must be a (query, passage) pair of str, got {p!r:.80}")
+        w = [1.0, 1.0, 1.0] if weights_for_different_modes is None else [float(x) for x in
+                                                                           weights_for_different_modes]
+        if len(w) != 3:
+            raise ValueError(f"weights_for_different_modes needs 3 weights [dense, sparse, colbert], got {len(w)}")
+        if not pairs:
+            return {k: [] for k in SCORE_KEYS}
+        batch_size = self.batch_size if batch_size is None else batch_size
+        q = self.encode_padded([p[0] for p in pairs], batch_size=batch_size,
+                               max_length=self.query_max_length if max_query_length is None else max_query_length)
+        p = self.encode_padded([p[1] for p in pairs], batch_size=batch_size,
+                               max_length=(self.passage_max_length if max_passage_length is None
+                                           else max_passage_length))
+        dense = np.asarray(scoring.dense_scores(q.dense, p.dense))
+        sparse = np.asarray(scoring.lexical_scores(q.sparse_ids, q.sparse_weights, p.sparse_ids, p.sparse_weights))
+        # FlagEmbedding's batches: consecutive pairs, passages padded to the batch's longest.
+        chunk_max = np.concatenate([np.full(len(c), c.max()) for c in np.array_split(
+            p.lengths, range(batch_size, len(pairs), batch_size))])
+        floored = p.lengths < chunk_max
+        colbert = np.asarray(scoring.colbert_scores(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask,
+                                                    zero_floor=floored))
+        out = {
+            "colbert": colbert,
+            "sparse": sparse,
+            "dense": dense,
+            "sparse+dense": (sparse * w[1] + dense * w[0]) / (w[1] + w[0]),
+            "colbert+sparse+dense": (colbert * w[2] + sparse * w[1] + dense * w[0]) / sum(w),
+        }
+        out = {k: np.asarray(v, np.float32).tolist() for k, v in out.items()}
+        return {k: v[0] for k, v in out.items()} if single else out
+
+    def compute_lexical_matching_score(self, lexical_weights_1, lexical_weights_2):
+        """Σ over shared token ids of w1 * w2: two dicts give a scalar, two lists an array [len1, len2]."""
+        if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
+            return scoring.lexical_dict_scores([lexical_weights_1], [lexical_weights_2])[0, 0]
+        if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
+            return scoring.lexical_dict_scores(lexical_weights_1, lexical_weights_2)
+        raise ValueError("lexical weights must be two dicts or two lists of dicts, got "
+                         f"{type(lexical_weights_1).__name__} and {type(lexical_weights_2).__name__}")
+
+    def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
+        """Late interaction of one query [Nq, C] and one passage [Np, C]: mean over query vectors of the max dot
+        product (no zero floor, as FlagEmbedding's colbert_score)."""
+        return scoring.colbert_pair(q_reps, p_reps)
+
+    def convert_id_to_token(self, lexical_weights: dict | list[dict]):
+        """Maps str(token id) keys to token text (as tokenizer.decode([id])); one dict in, one dict out."""
+        items = [lexical_weights] if isinstance(lexical_weights, dict) else lexical_weights
+        out = [{self.tokenizer.decode_one(int(k)): v for k, v in d.items()} for d in items]
+        return out[0] if len(out) == 1 else out
+
+
+BGEM3FlagModel = BGEM3
+
+
+def _check_texts(texts: Any) -> Sequence[str]:
+    if isinstance(texts, str) or not isinstance(texts, Sequence):
+        raise TypeError(f"expected a str or a list of str, got {type(texts).__name__}")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str")
+    return texts
+
+
+def _load(name_or_path, *, cache_dir=None) -> tuple[M3Config, dict, Path]:
+    """Local directories load directly; a hub id is converted once into $M3JAX_HOME/models and reused."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and checkpoint._REPO_ID.match(str(name_or_path)):
+        cached = checkpoint.cache_root() / "models" / str(name_or_path).replace("/", "--")
+        if not checkpoint.is_m3jax_dir(cached):
+            logger.info("converting %s into %s (once)", name_or_path, cached)
+            checkpoint.convert_release(checkpoint.resolve(name_or_path, cache_dir=cache_dir), cached,
+                                       overwrite=True)
+        path = cached
+    return checkpoint.load_params(path)
