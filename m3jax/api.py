@@ -272,7 +272,9 @@ class BGEM3:
 
         progress = self._progress(len(texts), batch_size, show_progress)
         try:
-            return pipeline.run(batches, step, len(texts), lengths, truncated, heads, progress)
+            cut = self.truncate_dim or max(cfg.hidden_size, cfg.colbert_dim)
+            dims = {"dense": min(cfg.hidden_size, cut), "colbert": min(cfg.colbert_dim, cut)}
+            return pipeline.run(batches, step, len(texts), lengths, truncated, heads, dims, progress)
         finally:
             if progress is not None:
                 progress.close()

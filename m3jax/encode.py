@@ -204,9 +204,15 @@ class EncodeResult:
 
 
 def run(batches: list[Batch], step: Callable[[Batch], dict], n: int, lengths: np.ndarray,
-        truncated: np.ndarray, heads: tuple[str, ...], progress: Iterator | None = None) -> EncodeResult:
-    """Runs step over the batches with one batch in flight ahead (async dispatch), scattering rows back."""
+        truncated: np.ndarray, heads: tuple[str, ...], dims: dict[str, int],
+        progress: Iterator | None = None) -> EncodeResult:
+    """Runs step over the batches with one batch in flight ahead (async dispatch), scattering rows back.
+
+    dims: {"dense": D, "colbert": C}, so that empty inputs still get arrays of the right shape.
+    """
     res = EncodeResult(lengths=lengths, truncated=truncated)
+    if "dense" in heads:
+        res.dense = np.zeros((n, dims["dense"]), np.float32)
     pending = None
     sparse_parts = []
     colbert_parts = []
@@ -217,8 +223,6 @@ def run(batches: list[Batch], step: Callable[[Batch], dict], n: int, lengths: np
             out = jax.device_get(out)
             k = len(b.indices)
             if "dense" in heads:
-                if res.dense is None:
-                    res.dense = np.zeros((n, out["dense"].shape[-1]), np.float32)
                 res.dense[b.indices] = out["dense"][:k]
             if "sparse" in heads:
                 sparse_parts.append((b.indices, out["sparse_ids"][:k], out["sparse_weights"][:k]))
@@ -237,8 +241,7 @@ def run(batches: list[Batch], step: Callable[[Batch], dict], n: int, lengths: np
             res.sparse_weights[idx, :k] = w[:, :k]
     if "colbert" in heads:
         T = int(lengths.max(initial=2)) - 1
-        C = colbert_parts[0][1].shape[-1] if colbert_parts else 0
-        res.colbert = np.zeros((n, T, C), np.float32)
+        res.colbert = np.zeros((n, T, dims["colbert"]), np.float32)
         for idx, v in colbert_parts:
             t = min(T, v.shape[1])
             res.colbert[idx, :t] = v[:, :t]

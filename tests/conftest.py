@@ -1,7 +1,9 @@
 import os
+import tempfile
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("M3JAX_HOME", tempfile.mkdtemp(prefix="m3jax-test-home-"))  # caches stay out of ~/.cache
 
 import pytest  # noqa: E402
 

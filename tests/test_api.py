@@ -1,0 +1,223 @@
+"""BGEM3 against FlagEmbedding's BGEM3FlagModel: encode, compute_score, helpers, formats, bad input."""
+
+import collections
+
+import jax
+import numpy as np
+import pytest
+
+from m3jax import encode as pipeline
+from m3jax.api import BGEM3, BGEM3FlagModel
+from tests.texts import SENTENCES, long_text, mixed
+
+TOL = 1e-5
+EDGE = ["", "   ", "\n", "😀", "🤖🚀✨ emoji only?", "a" * 3000]
+TEXTS = SENTENCES + EDGE + [long_text(700, seed=1)] + mixed(12, seed=2)
+
+
+@pytest.fixture(scope="module")
+def tiny(release_dirs):
+    return release_dirs["tiny"]
+
+
+@pytest.fixture(scope="module")
+def ours(tiny):
+    return BGEM3(tiny, compilation_cache=False)
+
+
+@pytest.fixture(scope="module")
+def flag(tiny, flag_model_factory):
+    return flag_model_factory(tiny)
+
+
+def assert_lexical_equal(a: dict, b: dict):
+    """Same ids in the same order, values within TOL; an id may be absent on one side only if its weight there
+    is within TOL of the ReLU's zero (a sign flip at float rounding)."""
+    assert isinstance(a, collections.defaultdict) and isinstance(b, collections.defaultdict)
+    for k, v in a.items():
+        assert isinstance(k, str) and isinstance(v, np.float32), (type(k), type(v))
+    only = set(a) ^ set(b)
+    assert all(float(a.get(k, 0) + b.get(k, 0)) <= TOL for k in only), only
+    assert [k for k in a if k in b] == [k for k in b if k in a], "ids out of order"
+    for k in set(a) & set(b):
+        assert abs(float(a[k]) - float(b[k])) <= TOL, (k, a[k], b[k])
+
+
+def assert_encode_equal(o, r):
+    assert o.keys() == r.keys()
+    if r["dense_vecs"] is not None:
+        assert o["dense_vecs"].dtype == np.float32 and o["dense_vecs"].shape == r["dense_vecs"].shape
+        assert np.abs(o["dense_vecs"] - r["dense_vecs"]).max() <= TOL
+    else:
+        assert o["dense_vecs"] is None
+    if r["lexical_weights"] is not None:
+        assert len(o["lexical_weights"]) == len(r["lexical_weights"])
+        for a, b in zip(o["lexical_weights"], r["lexical_weights"]):
+            assert_lexical_equal(a, b)
+    else:
+        assert o["lexical_weights"] is None
+    if r["colbert_vecs"] is not None:
+        assert len(o["colbert_vecs"]) == len(r["colbert_vecs"])
+        for a, b in zip(o["colbert_vecs"], r["colbert_vecs"]):
+            assert a.shape == b.shape and a.dtype == np.float32
+            assert np.abs(a - b).max() <= TOL
+    else:
+        assert o["colbert_vecs"] is None
+
+
+@pytest.mark.parametrize("batch_size,max_length", [(256, 512), (3, 512), (1, 40), (5, 8192)])
+def test_encode_matches_flagembedding(ours, flag, batch_size, max_length):
+    kw = dict(batch_size=batch_size, max_length=max_length, return_dense=True, return_sparse=True,
+              return_colbert_vecs=True)
+    assert_encode_equal(ours.encode(TEXTS, **kw), flag.encode(TEXTS, **kw))
+
+
+def test_default_heads_and_single_string(ours, flag):
+    assert_encode_equal(ours.encode(TEXTS[:5]), flag.encode(TEXTS[:5]))  # dense only by default
+    kw = dict(return_sparse=True, return_colbert_vecs=True)
+    o, r = ours.encode("What is BGE M3?", **kw), flag.encode("What is BGE M3?", **kw)
+    assert o["dense_vecs"].shape == r["dense_vecs"].shape == (ours.config.hidden_size,)
+    assert np.abs(o["dense_vecs"] - r["dense_vecs"]).max() <= TOL
+    assert_lexical_equal(o["lexical_weights"], r["lexical_weights"])
+    assert o["colbert_vecs"].shape == r["colbert_vecs"].shape
+
+
+def test_encode_queries_and_corpus_with_instructions(tiny, flag_model_factory):
+    import FlagEmbedding
+
+    kw = dict(query_instruction_for_retrieval="Represent: ", query_instruction_format="{}\\n{}",
+              passage_instruction_for_retrieval="Passage: ", query_max_length=16, passage_max_length=24)
+    o = BGEM3(tiny, compilation_cache=False, **kw)
+    r = FlagEmbedding.BGEM3FlagModel(str(tiny), use_fp16=False, devices="cpu", **kw)
+    heads = dict(return_sparse=True, return_colbert_vecs=True)
+    assert_encode_equal(o.encode_queries(TEXTS, **heads), r.encode_queries(TEXTS, **heads))
+    assert_encode_equal(o.encode_corpus(TEXTS, **heads), r.encode_corpus(TEXTS, **heads))
+
+
+PAIRS = [(SENTENCES[i], TEXTS[j]) for i, j in [(0, 2), (0, 3), (1, 2), (1, 3), (4, 20), (5, 6), (7, 14), (2, 15),
+                                                (12, 19), (13, 16), (3, 17)]]
+
+
+@pytest.mark.parametrize("batch_size,weights,qlen,plen", [(256, None, 512, 512), (4, [0.4, 0.2, 0.4], 8, 128),
+                                                         (1, [1.0, 0.3, 1.0], 512, 16)])
+def test_compute_score_matches_flagembedding(ours, flag, batch_size, weights, qlen, plen):
+    kw = dict(batch_size=batch_size, max_query_length=qlen, max_passage_length=plen,
+              weights_for_different_modes=weights)
+    o, r = ours.compute_score(PAIRS, **kw), flag.compute_score(PAIRS, **kw)
+    assert list(o) == list(r)
+    for k in r:
+        assert isinstance(o[k], list) and all(isinstance(x, float) for x in o[k])
+        assert np.abs(np.array(o[k]) - np.array(r[k])).max() <= TOL, k
+    one_o, one_r = ours.compute_score(PAIRS[0], **kw), flag.compute_score(PAIRS[0], **kw)
+    assert all(isinstance(one_o[k], float) and abs(one_o[k] - one_r[k]) <= TOL for k in one_r)
+
+
+def test_helpers_match_flagembedding(ours, flag):
+    kw = dict(return_sparse=True, return_colbert_vecs=True)
+    q, p = ours.encode(TEXTS[:6], **kw), ours.encode(TEXTS[6:], **kw)
+    lq, lp = q["lexical_weights"], p["lexical_weights"]
+    got, want = ours.compute_lexical_matching_score(lq, lp), flag.compute_lexical_matching_score(lq, lp)
+    assert got.shape == want.shape == (len(lq), len(lp))
+    assert np.abs(got - want).max() <= TOL
+    assert abs(float(ours.compute_lexical_matching_score(lq[2], lp[0]))
+               - float(flag.compute_lexical_matching_score(lq[2], lp[0]))) <= TOL
+    with pytest.raises(ValueError):
+        ours.compute_lexical_matching_score(lq, lp[0])
+    for a in q["colbert_vecs"]:
+        for b in p["colbert_vecs"]:
+            assert abs(float(ours.colbert_score(a, b)) - float(flag.colbert_score(a, b))) <= TOL
+    assert ours.convert_id_to_token(lq) == flag.convert_id_to_token(lq)
+    assert ours.convert_id_to_token(lq[0]) == flag.convert_id_to_token(lq[0])
+
+
+def test_outputs_invariant_to_batch_and_bucket(ours):
+    kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
+    target = [SENTENCES[2], SENTENCES[6]]
+    alone = ours.encode_padded(target, max_length=8192)
+    crowded = ours.encode_padded([long_text(1200, seed=4), *mixed(9, seed=3), *target], max_length=8192,
+                                 batch_size=4)
+    one_by_one = ours.encode_padded(target, max_length=8192, batch_size=1)
+    for other, rows in ((crowded, slice(10, 12)), (one_by_one, slice(0, 2))):
+        assert np.abs(other.dense[rows] - alone.dense).max() <= 1e-6
+        a, b = alone.colbert_list(), [other.colbert_list()[i] for i in range(*rows.indices(len(other)))]
+        assert all(np.abs(x - y).max() <= 1e-6 for x, y in zip(a, b))
+        la, lb = alone.lexical_dicts(), other.lexical_dicts()[rows]
+        assert all(x.keys() == y.keys() and max(abs(x[k] - y[k]) for k in x) <= 1e-6 for x, y in zip(la, lb))
+    del kw
+
+
+def test_vector_store_formats(ours):
+    res = ours.encode_padded(TEXTS, max_length=512)
+    dicts, vecs = res.lexical_dicts(), res.colbert_list()
+    csr = res.sparse_csr()
+    assert csr.shape == (len(TEXTS), 250002) and csr.has_sorted_indices
+    for i, d in enumerate(dicts):
+        row = csr.getrow(i)
+        assert dict(zip(map(str, row.indices), row.data)) == dict(d)
+        idx, val = res.sparse_rows()[i]
+        assert dict(zip(map(str, idx), val)) == dict(d)
+    flat, offsets = res.colbert_flat()
+    assert offsets[0] == 0 and offsets[-1] == len(flat) == sum(len(v) for v in vecs)
+    for i, v in enumerate(vecs):
+        np.testing.assert_array_equal(flat[offsets[i]:offsets[i + 1]], v)
+    assert res.dense_as("float16").dtype == np.float16
+    np.testing.assert_allclose(res.dense_as("float16"), res.dense, atol=1e-3)
+    assert np.flatnonzero(res.truncated).tolist() == [19, 20] and res.lengths.max() == 512  # "a" * 3000, long
+    with pytest.raises(ValueError, match="float32' or 'float16"):
+        res.dense_as("int8")
+
+
+def test_compiled_shapes_stay_bounded(ours):
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 8193, size=1000)
+    stats = pipeline.count_shapes(lengths, batch_size=256)
+    print(f"\n1,000 texts of 5-8,192 tokens: {stats}")
+    assert stats["shapes"] <= 30 and stats["max_shapes_bound"] <= 120
+    assert stats["padding_ratio"] < 1.3
+    # And what the compiled cache really holds for a varied workload: at most the planned shapes.
+    before = pipeline.encode_step._cache_size()
+    texts = mixed(40, seed=11, max_words=300)
+    res = ours.encode_padded(texts, max_length=8192, batch_size=8, heads=("dense",))
+    plan = pipeline.plan_batches(res.lengths, batch_size=8, max_tokens=ours.max_tokens_per_batch)
+    assert pipeline.encode_step._cache_size() - before <= len({(L, r) for L, r, _ in plan})
+
+
+def test_bad_input(ours, capsys):
+    empty = ours.encode([], return_sparse=True, return_colbert_vecs=True)
+    assert empty["dense_vecs"].shape == (0, ours.config.hidden_size) and empty["dense_vecs"].dtype == np.float32
+    assert empty["lexical_weights"] == [] and empty["colbert_vecs"] == []
+    assert ours.compute_score([]) == {k: [] for k in ("colbert", "sparse", "dense", "sparse+dense",
+                                                      "colbert+sparse+dense")}
+    with pytest.raises(TypeError, match=r"sentences\[2\] is int"):
+        ours.encode(["a", "b", 3])
+    with pytest.raises(TypeError, match=r"sentence_pairs\[1\]"):
+        ours.compute_score([("a", "b"), ("a", None)])
+    for bad in (0, 8193, -5, 2.5):
+        with pytest.raises(ValueError, match=r"max_length must be an int in 1 \.\.\. 8192"):
+            ours.encode(["a"], max_length=bad)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ours.encode(["a"], padding="max_length")
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        BGEM3("unused", no_such_option=1)
+    with pytest.raises(ValueError, match="nothing to compute"):
+        ours.encode(["a"], return_dense=False)
+    ours.encode(["short input"], return_sparse=True)
+    out = capsys.readouterr()
+    assert out.out == "" and out.err == ""  # short inputs: no bar, nothing on stdout
+
+
+def test_progress_bar_only_for_long_inputs(ours, capsys):
+    ours.encode(mixed(40, seed=5), batch_size=8)
+    out = capsys.readouterr()
+    assert out.out == "" and "Inference Embeddings" in out.err
+
+
+def test_flag_alias_and_compilation_cache(tiny, tmp_path):
+    assert BGEM3FlagModel is BGEM3
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        m = BGEM3FlagModel(tiny, compilation_cache=str(tmp_path / "jc"), use_fp16=True)
+        assert m.compilation_cache_dir == str(tmp_path / "jc") == jax.config.jax_compilation_cache_dir
+        assert m.dtype == np.float32  # use_fp16 on CPU keeps float32, as FlagEmbedding does on CPU
+    finally:
+        jax.config.update("jax_compilation_cache_dir", None)
