@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,8 @@ class BGEM3:
         self.tokenizer = Tokenizer(tokenizer_dir)
         model = model_from_params(cfg, params, dtype=self.dtype)
         self.graphdef, state = nnx.split(model)
+        self._compiled: dict = {}  # bucket shape and settings -> compiled executable
+        self.compile_seconds: dict[tuple, float] = {}
         if len(self.devices) > 1:
             mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
             self._row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
@@ -265,10 +268,7 @@ class BGEM3:
             ids_, mask_ = b.input_ids, b.attention_mask
             if self._row_sharding is not None:
                 ids_, mask_ = jax.device_put((ids_, mask_), self._row_sharding)
-            return pipeline.encode_step(self.graphdef, self.state, ids_, mask_, heads=heads,
-                                      attn_impl=self.attn_impl, pooling=self.pooling_method,
-                                      normalize=self.normalize_embeddings, truncate_dim=self.truncate_dim,
-                                      special_ids=cfg.special_ids)
+            return self.executable(ids_.shape[1], ids_.shape[0], heads)(self.state, ids_, mask_)
 
         progress = self._progress(len(texts), batch_size, show_progress)
         try:
@@ -278,6 +278,23 @@ class BGEM3:
         finally:
             if progress is not None:
                 progress.close()
+
+    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
+        """The compiled encode step for one bucket shape [rows, length], compiled ahead of time on first use (or
+        fetched from the persistent compilation cache); `compile_seconds` records how long each took."""
+        heads = tuple(h for h in pipeline.HEADS if h in heads)
+        static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling_method,
+                      normalize=self.normalize_embeddings, truncate_dim=self.truncate_dim,
+                      special_ids=self.config.special_ids)
+        key = (length, rows, tuple(sorted(static.items())))
+        exe = self._compiled.get(key)
+        if exe is None:
+            spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self._row_sharding)
+            t0 = time.perf_counter()
+            exe = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static).compile()
+            self.compile_seconds[(length, rows, heads)] = time.perf_counter() - t0
+            self._compiled[key] = exe
+        return exe
 
     def _progress(self, n: int, batch_size: int, show: bool | None):
         show = self.show_progress if show is None else show

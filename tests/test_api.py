@@ -175,11 +175,14 @@ def test_compiled_shapes_stay_bounded(ours):
     assert stats["shapes"] <= 30 and stats["max_shapes_bound"] <= 120
     assert stats["padding_ratio"] < 1.3
     # And what the compiled cache really holds for a varied workload: at most the planned shapes.
-    before = pipeline.encode_step._cache_size()
+    before = set(ours.compile_seconds)
     texts = mixed(40, seed=11, max_words=300)
     res = ours.encode_padded(texts, max_length=8192, batch_size=8, heads=("dense",))
     plan = pipeline.plan_batches(res.lengths, batch_size=8, max_tokens=ours.max_tokens_per_batch)
-    assert pipeline.encode_step._cache_size() - before <= len({(L, r) for L, r, _ in plan})
+    new = set(ours.compile_seconds) - before
+    assert new == {(L, r, ("dense",)) for L, r, _ in plan}  # one executable per planned shape, no more
+    ours.encode_padded(texts[::-1], max_length=8192, batch_size=8, heads=("dense",))
+    assert set(ours.compile_seconds) - before == new  # same workload, reordered: nothing new compiles
 
 
 def test_bad_input(ours, capsys):
