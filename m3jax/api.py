@@ -14,12 +14,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from m3jax import checkpoint
+from m3jax import checkpoint, scoring
 from m3jax import encode as pipeline
-try:
-    from m3jax import scoring
-except ImportError:  # TEMP until scoring lands
-    scoring = None
 from m3jax.config import M3Config
 from m3jax.model import BGEM3Model, model_from_params, resolve_dtype
 from m3jax.tokenizer import Tokenizer
@@ -339,14 +335,16 @@ class BGEM3:
         p = self.encode_padded([p[1] for p in pairs], batch_size=batch_size,
                                max_length=(self.passage_max_length if max_passage_length is None
                                            else max_passage_length))
-        dense = np.asarray(scoring.dense_scores(q.dense, p.dense))
-        sparse = np.asarray(scoring.lexical_scores(q.sparse_ids, q.sparse_weights, p.sparse_ids, p.sparse_weights))
+        dense = np.asarray(scoring.dense_paired(q.dense, p.dense))
+        sparse = np.asarray(scoring.lexical_paired(q.sparse_ids, q.sparse_weights, p.sparse_ids, p.sparse_weights,
+                                                   vocab_size=self.config.vocab_size))
         # FlagEmbedding's batches: consecutive pairs, passages padded to the batch's longest.
         chunk_max = np.concatenate([np.full(len(c), c.max()) for c in np.array_split(
             p.lengths, range(batch_size, len(pairs), batch_size))])
-        floored = p.lengths < chunk_max
-        colbert = np.asarray(scoring.colbert_scores(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask,
-                                                    zero_floor=floored))
+        colbert = np.where(p.lengths < chunk_max,
+                           scoring.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask,
+                                                  zero_floor=True),
+                           scoring.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask))
         out = {
             "colbert": colbert,
             "sparse": sparse,
@@ -358,18 +356,26 @@ class BGEM3:
         return {k: v[0] for k, v in out.items()} if single else out
 
     def compute_lexical_matching_score(self, lexical_weights_1, lexical_weights_2):
-        """Σ over shared token ids of w1 * w2: two dicts give a scalar, two lists an array [len1, len2]."""
+        """Σ over shared token ids of w1 * w2: two dicts give a float32 scalar, two lists an array [len1, len2]."""
         if isinstance(lexical_weights_1, dict) and isinstance(lexical_weights_2, dict):
-            return scoring.lexical_dict_scores([lexical_weights_1], [lexical_weights_2])[0, 0]
+            return self.compute_lexical_matching_score([lexical_weights_1], [lexical_weights_2])[0, 0]
         if isinstance(lexical_weights_1, list) and isinstance(lexical_weights_2, list):
-            return scoring.lexical_dict_scores(lexical_weights_1, lexical_weights_2)
+            q, p = _dicts_to_padded(lexical_weights_1, "lexical_weights_1"), _dicts_to_padded(
+                lexical_weights_2, "lexical_weights_2")
+            return np.asarray(scoring.lexical_all_pairs(*q, *p, vocab_size=self.config.vocab_size))
         raise ValueError("lexical weights must be two dicts or two lists of dicts, got "
                          f"{type(lexical_weights_1).__name__} and {type(lexical_weights_2).__name__}")
 
     def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
         """Late interaction of one query [Nq, C] and one passage [Np, C]: mean over query vectors of the max dot
         product (no zero floor, as FlagEmbedding's colbert_score)."""
-        return scoring.colbert_pair(q_reps, p_reps)
+        q, p = np.asarray(q_reps), np.asarray(p_reps)
+        for name, x in (("q_reps", q), ("p_reps", p)):
+            if x.ndim != 2:
+                raise ValueError(f"{name} must be [n_tokens, dim], got shape {x.shape}")
+        q32, p32 = q.astype(np.float32, copy=False), p.astype(np.float32, copy=False)
+        score = scoring.colbert_paired(q32[None], np.ones((1, len(q)), bool), p32[None], np.ones((1, len(p)), bool))
+        return np.float32(score[0])
 
     def convert_id_to_token(self, lexical_weights: dict | list[dict]):
         """Maps str(token id) keys to token text (as tokenizer.decode([id])); one dict in, one dict out."""
@@ -379,6 +385,22 @@ class BGEM3:
 
 
 BGEM3FlagModel = BGEM3
+
+
+def _dicts_to_padded(dicts: Sequence[dict], name: str) -> tuple[np.ndarray, np.ndarray]:
+    """Lexical dicts (str(token id) -> weight) as padded (ids [N, K] int32 with -1, weights [N, K] float32)."""
+    k = max((len(d) for d in dicts), default=0)
+    ids = np.full((len(dicts), k), -1, np.int32)
+    weights = np.zeros((len(dicts), k), np.float32)
+    for i, d in enumerate(dicts):
+        if not isinstance(d, dict):
+            raise ValueError(f"{name}[{i}] is {type(d).__name__}, expected a dict of token id -> weight")
+        try:
+            ids[i, :len(d)] = np.fromiter(d.keys(), dtype=np.int64, count=len(d))
+        except ValueError:
+            raise ValueError(f"{name}[{i}]: keys must be token ids (as str or int)") from None
+        weights[i, :len(d)] = np.fromiter(d.values(), dtype=np.float32, count=len(d))
+    return ids, weights
 
 
 def _check_texts(texts: Any) -> Sequence[str]:

@@ -28,7 +28,30 @@ def release_dirs(tmp_path_factory):
         "tiny_narrow_colbert": write_random_release(root / "narrow", TINY["tiny_narrow_colbert"], seed=3),
         "tiny_prefixed": write_random_release(root / "prefixed", TINY["tiny"], seed=4, roberta_prefix=True),
     }
+    out["tiny_spread_colbert"] = spread_colbert(out["tiny"], root / "spread")
     return out
+
+
+def spread_colbert(src, dst):
+    """A copy of src whose ColBERT head projects out the hidden states' common direction (bias 0), so token
+    vectors point every way and negative dot products, hence FlagEmbedding's zero floor, really occur."""
+    import shutil
+
+    import torch
+    from transformers import AutoTokenizer, XLMRobertaModel
+
+    from tests.texts import SENTENCES
+
+    shutil.copytree(src, dst)
+    tok = AutoTokenizer.from_pretrained(dst)
+    with torch.no_grad():
+        h = XLMRobertaModel.from_pretrained(dst).eval()(**tok(SENTENCES, padding=True, return_tensors="pt"))[0]
+    u = h.reshape(-1, h.shape[-1]).mean(0)
+    u = u / u.norm()
+    head = torch.load(dst / "colbert_linear.pt", weights_only=True)
+    w = head["weight"].float() @ (torch.eye(len(u)) - torch.outer(u, u))
+    torch.save({"weight": w.half(), "bias": torch.zeros_like(head["bias"])}, dst / "colbert_linear.pt")
+    return dst
 
 
 @pytest.fixture(scope="session")

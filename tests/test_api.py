@@ -112,6 +112,25 @@ def test_compute_score_matches_flagembedding(ours, flag, batch_size, weights, ql
     assert all(isinstance(one_o[k], float) and abs(one_o[k] - one_r[k]) <= TOL for k in one_r)
 
 
+def test_compute_score_zero_floor_matches_flagembedding(release_dirs, flag_model_factory):
+    """FlagEmbedding floors ColBERT token maxima at 0 only for passages its batch padded; m3jax follows."""
+    from m3jax import scoring
+
+    path = release_dirs["tiny_spread_colbert"]
+    o, r = BGEM3(path, compilation_cache=False), flag_model_factory(path)
+    pairs = [(q, p) for q in SENTENCES[:6] for p in ["", "a", SENTENCES[9], long_text(40, seed=2)]]
+    q = o.encode_padded([a for a, _ in pairs])
+    p = o.encode_padded([b for _, b in pairs])
+    plain = np.asarray(scoring.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask))
+    floored = np.asarray(scoring.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask,
+                                                zero_floor=True))
+    assert (floored - plain > 1e-3).sum() >= 3, "the checkpoint must make the floor matter"
+    for bs in (256, 4, 3):
+        got, want = o.compute_score(pairs, batch_size=bs), r.compute_score(pairs, batch_size=bs)
+        assert np.abs(np.array(got["colbert"]) - np.array(want["colbert"])).max() <= TOL, bs
+        assert np.abs(np.array(got["colbert+sparse+dense"]) - np.array(want["colbert+sparse+dense"])).max() <= TOL
+
+
 def test_helpers_match_flagembedding(ours, flag):
     kw = dict(return_sparse=True, return_colbert_vecs=True)
     q, p = ours.encode(TEXTS[:6], **kw), ours.encode(TEXTS[6:], **kw)
