@@ -1,27 +1,42 @@
-"""m3jax: BGE-M3 (dense, lexical and multi-vector retrieval) in pure JAX / Flax NNX."""
+"""m3jax: BGE-M3 (dense, lexical and multi-vector retrieval) in pure JAX / Flax NNX.
 
+    from m3jax import BGEM3FlagModel          # FlagEmbedding's API, JAX underneath
+    model = BGEM3FlagModel("BAAI/bge-m3")     # hub id, release directory or m3jax directory
+    out = model.encode(texts, return_sparse=True, return_colbert_vecs=True)
+"""
+
+from m3jax import scoring
+from m3jax.api import BGEM3, BGEM3FlagModel, configure_compilation_cache
 from m3jax.checkpoint import (
     CheckpointError,
     HubUnavailableError,
     convert_release,
     export_release,
     load_params,
+    save_m3jax,
 )
 from m3jax.config import ConfigError, M3Config
+from m3jax.encode import EncodeResult
 from m3jax.model import BGEM3Model, forward, init_model, model_from_params
 from m3jax.weights import ConversionError
 
 __all__ = [
+    "BGEM3",
+    "BGEM3FlagModel",
     "BGEM3Model",
     "CheckpointError",
     "ConfigError",
     "ConversionError",
+    "EncodeResult",
     "HubUnavailableError",
     "M3Config",
+    "configure_compilation_cache",
     "convert_release",
     "export_release",
     "forward",
     "init_model",
     "load_params",
     "model_from_params",
+    "save_m3jax",
+    "scoring",
 ]

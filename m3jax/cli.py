@@ -51,7 +51,7 @@ def demo(args) -> int:
             raise HubUnavailableError("--random given")
         model = BGEM3.from_pretrained(args.model, dtype=args.dtype)
     except HubUnavailableError as e:
-        size = "bge-m3" if args.random in (None, "bge-m3") else args.random
+        size = args.random_size
         print(f"{args.model}: not available ({str(e).split('. ')[0]}); running on a randomly initialised "
               f"{size} checkpoint written locally: RANDOM WEIGHTS, meaningless numbers, real pipeline.")
         path = _random_model_dir(size)
@@ -103,8 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="embed a multilingual sample; print dense, lexical and ColBERT results")
     d.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    d.add_argument("--random", nargs="?", const="bge-m3", default=None, choices=["bge-m3", "tiny"],
-                   help="skip the hub and use random weights (bge-m3 size, or tiny for a quick run)")
+    d.add_argument("--random", action="store_true", help="skip the model and use random weights")
+    d.add_argument("--random-size", default="bge-m3", choices=["bge-m3", "tiny"],
+                   help="architecture of the random fallback: the real one, or a tiny one for a quick run")
     d.add_argument("--top", type=int, default=5, help="lexical tokens shown per text")
     d.set_defaults(func=demo)
 
