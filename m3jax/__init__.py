@@ -17,6 +17,7 @@ from m3jax.checkpoint import (
 )
 from m3jax.config import ConfigError, M3Config
 from m3jax.encode import EncodeResult
+from m3jax.index import CorpusIndex
 from m3jax.model import BGEM3Model, forward, init_model, model_from_params
 from m3jax.weights import ConversionError
 
@@ -27,6 +28,7 @@ __all__ = [
     "CheckpointError",
     "ConfigError",
     "ConversionError",
+    "CorpusIndex",
     "EncodeResult",
     "HubUnavailableError",
     "M3Config",

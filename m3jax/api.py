@@ -226,7 +226,7 @@ class BGEM3:
         flags = (self.return_dense if return_dense is None else return_dense,
                  self.return_sparse if return_sparse is None else return_sparse,
                  self.return_colbert_vecs if return_colbert_vecs is None else return_colbert_vecs)
-        heads = tuple(h for h, f in zip(pipeline.HEADS, flags) if f)
+        heads = tuple(h for h, f in zip(pipeline.HEADS, flags, strict=True) if f)
         if not heads:
             raise ValueError("nothing to compute: set one of return_dense, return_sparse, return_colbert_vecs")
         return heads

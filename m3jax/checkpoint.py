@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax.config import ConfigError, M3Config
-from m3jax.weights import ConversionError, params_to_torch, param_shapes, torch_to_params, unflatten
+from m3jax.weights import ConversionError, param_shapes, params_to_torch, torch_to_params, unflatten
 
 MARKER = "m3jax.json"
 FORMAT_VERSION = 1

@@ -23,7 +23,7 @@ def _random_model_dir(size: str) -> Path:
     from m3jax import checkpoint
     from m3jax.config import M3Config
     from m3jax.model import init_model
-    from m3jax.testing import xlmr_tokenizer_json, write_tokenizer
+    from m3jax.testing import write_tokenizer, xlmr_tokenizer_json
 
     dst = checkpoint.cache_root() / f"random-{size}"
     if checkpoint.is_m3jax_dir(dst):

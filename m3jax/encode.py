@@ -188,7 +188,7 @@ class EncodeResult:
         ids, w = self._need("sparse_ids"), self.sparse_weights
         counts = (ids >= 0).sum(1)
         keys = ids.astype(str)
-        return [defaultdict(int, zip(keys[i, :c].tolist(), w[i, :c])) for i, c in enumerate(counts)]
+        return [defaultdict(int, zip(keys[i, :c].tolist(), w[i, :c], strict=True)) for i, c in enumerate(counts)]
 
     def colbert_list(self) -> list[np.ndarray]:
         """FlagEmbedding's colbert_vecs: one [n_tokens - 1, C] array per text."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Mapping
+from collections.abc import Iterable, Mapping
 
 import jax
 import numpy as np

@@ -52,13 +52,13 @@ def assert_encode_equal(o, r):
         assert o["dense_vecs"] is None
     if r["lexical_weights"] is not None:
         assert len(o["lexical_weights"]) == len(r["lexical_weights"])
-        for a, b in zip(o["lexical_weights"], r["lexical_weights"]):
+        for a, b in zip(o["lexical_weights"], r["lexical_weights"], strict=True):
             assert_lexical_equal(a, b)
     else:
         assert o["lexical_weights"] is None
     if r["colbert_vecs"] is not None:
         assert len(o["colbert_vecs"]) == len(r["colbert_vecs"])
-        for a, b in zip(o["colbert_vecs"], r["colbert_vecs"]):
+        for a, b in zip(o["colbert_vecs"], r["colbert_vecs"], strict=True):
             assert a.shape == b.shape and a.dtype == np.float32
             assert np.abs(a - b).max() <= TOL
     else:
@@ -150,7 +150,6 @@ def test_helpers_match_flagembedding(ours, flag):
 
 
 def test_outputs_invariant_to_batch_and_bucket(ours):
-    kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
     target = [SENTENCES[2], SENTENCES[6]]
     alone = ours.encode_padded(target, max_length=8192)
     crowded = ours.encode_padded([long_text(1200, seed=4), *mixed(9, seed=3), *target], max_length=8192,
@@ -159,10 +158,10 @@ def test_outputs_invariant_to_batch_and_bucket(ours):
     for other, rows in ((crowded, slice(10, 12)), (one_by_one, slice(0, 2))):
         assert np.abs(other.dense[rows] - alone.dense).max() <= 1e-6
         a, b = alone.colbert_list(), [other.colbert_list()[i] for i in range(*rows.indices(len(other)))]
-        assert all(np.abs(x - y).max() <= 1e-6 for x, y in zip(a, b))
+        assert all(np.abs(x - y).max() <= 1e-6 for x, y in zip(a, b, strict=True))
         la, lb = alone.lexical_dicts(), other.lexical_dicts()[rows]
-        assert all(x.keys() == y.keys() and max(abs(x[k] - y[k]) for k in x) <= 1e-6 for x, y in zip(la, lb))
-    del kw
+        for x, y in zip(la, lb, strict=True):
+            assert x.keys() == y.keys() and max(abs(x[k] - y[k]) for k in x) <= 1e-6
 
 
 def test_vector_store_formats(ours):
@@ -172,9 +171,9 @@ def test_vector_store_formats(ours):
     assert csr.shape == (len(TEXTS), 250002) and csr.has_sorted_indices
     for i, d in enumerate(dicts):
         row = csr.getrow(i)
-        assert dict(zip(map(str, row.indices), row.data)) == dict(d)
+        assert dict(zip(map(str, row.indices), row.data, strict=True)) == dict(d)
         idx, val = res.sparse_rows()[i]
-        assert dict(zip(map(str, idx), val)) == dict(d)
+        assert dict(zip(map(str, idx), val, strict=True)) == dict(d)
     flat, offsets = res.colbert_flat()
     assert offsets[0] == 0 and offsets[-1] == len(flat) == sum(len(v) for v in vecs)
     for i, v in enumerate(vecs):

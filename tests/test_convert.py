@@ -22,7 +22,7 @@ from m3jax.checkpoint import (
 )
 from m3jax.config import ConfigError
 from m3jax.weights import ConversionError
-from tests.test_model_parity import TOL, flag_outputs, max_diffs, m3jax_outputs
+from tests.test_model_parity import TOL, flag_outputs, m3jax_outputs, max_diffs
 from tests.texts import SENTENCES, long_text
 
 ROOT = Path(__file__).resolve().parents[1]

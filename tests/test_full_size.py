@@ -7,7 +7,7 @@ import pytest
 
 from m3jax.config import M3Config
 from m3jax.testing import write_random_release
-from tests.test_model_parity import flag_outputs, max_diffs, m3jax_outputs
+from tests.test_model_parity import flag_outputs, m3jax_outputs, max_diffs
 from tests.texts import SENTENCES, long_text
 
 TOL = 1e-5
