@@ -69,7 +69,8 @@ class BGEM3:
       - dtype: "float32" or "bfloat16". use_fp16/use_bf16 are accepted for compatibility: use_bf16, or use_fp16
         on an accelerator, selects bfloat16 (XLA has no fp16 path worth taking); on CPU use_fp16 keeps float32,
         which is what FlagEmbedding ends up computing on CPU too.
-      - batching is by length bucket and token budget (see m3jax.encode); batch_size caps the rows of a batch.
+      - batching is by length bucket and token budget (see m3jax.encode; `length_buckets` replaces the default
+        lengths, e.g. with fewer for TPU); batch_size caps the rows of a batch.
         There is no out-of-memory probe: nothing is computed twice.
       - unknown keyword arguments raise TypeError (FlagEmbedding forwards them to the tokenizer).
       - max_length=1 keeps `<s></s>` (FlagEmbedding's tokenizer then silently skips truncation).
@@ -101,6 +102,7 @@ class BGEM3:
         return_colbert_vecs: bool = False,
         truncate_dim: int | None = None,
         max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
+        length_buckets: Sequence[int] | None = None,
         attn_impl: str = "auto",
         compilation_cache: bool | str = True,
         show_progress: bool | None = None,
@@ -134,6 +136,11 @@ class BGEM3:
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
         self.max_tokens_per_batch = max_tokens_per_batch
+        buckets = tuple(sorted(int(b) for b in (length_buckets or pipeline.LENGTH_BUCKETS)))
+        if buckets[0] < 2 or buckets[-1] < min(self.config.max_length, pipeline.LENGTH_BUCKETS[-1]):
+            raise ValueError(f"length_buckets must be lengths >= 2 whose largest holds the longest input "
+                             f"({self.config.max_length} tokens), got {length_buckets!r}")
+        self.length_buckets = buckets
         self.attn_impl = attn_impl
         self.show_progress = show_progress
 
@@ -247,18 +254,8 @@ class BGEM3:
             raise ValueError(f"heads must be a non-empty subset of {pipeline.HEADS}, got {heads!r}")
         heads = tuple(h for h in pipeline.HEADS if h in heads)
 
-        ids, truncated = self.tokenizer.encode(texts, max_length)
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        if truncated.any():
-            logger.warning("%d of %d text(s) truncated to max_length=%d tokens (first: index %d); "
-                           "EncodeResult.truncated lists them", int(truncated.sum()), len(texts), max_length,
-                           int(np.argmax(truncated)))
-        ndev = len(self.devices)
-        plan = pipeline.plan_batches(lengths, batch_size=max(batch_size, ndev) if ndev > 1 else batch_size,
-                                   max_tokens=self.max_tokens_per_batch, row_multiple=ndev)
+        batches, lengths, truncated = self.batches(texts, batch_size=batch_size, max_length=max_length)
         cfg = self.config
-        batches = [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
-                   for L, rows, idx in plan]
 
         def step(b: pipeline.Batch) -> dict:
             ids_, mask_ = b.input_ids, b.attention_mask
@@ -274,6 +271,23 @@ class BGEM3:
         finally:
             if progress is not None:
                 progress.close()
+
+    def batches(self, texts: Sequence[str], *, batch_size: int, max_length: int
+                ) -> tuple[list[pipeline.Batch], np.ndarray, np.ndarray]:
+        """Tokenises and plans the padded batches encode_padded runs: (batches, lengths [N], truncated [N])."""
+        ids, truncated = self.tokenizer.encode(list(texts), max_length)
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        if truncated.any():
+            logger.warning("%d of %d text(s) truncated to max_length=%d tokens (first: index %d); "
+                           "EncodeResult.truncated lists them", int(truncated.sum()), len(texts), max_length,
+                           int(np.argmax(truncated)))
+        ndev, cfg = len(self.devices), self.config
+        plan = pipeline.plan_batches(lengths, batch_size=max(batch_size, ndev) if ndev > 1 else batch_size,
+                                     max_tokens=self.max_tokens_per_batch, row_multiple=ndev,
+                                     buckets=self.length_buckets)
+        batches = [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
+                   for L, rows, idx in plan]
+        return batches, lengths, truncated
 
     def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
         """The compiled encode step for one bucket shape [rows, length], compiled ahead of time on first use (or

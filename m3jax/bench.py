@@ -95,10 +95,9 @@ def run(args) -> dict:
         lengths, batch_size = workload_lengths(args.workload, args.seed)
     batch_size = args.batch_size or batch_size
     texts = make_texts(lengths, model.tokenizer, args.seed)
-    ids, _ = model.tokenizer.encode(texts, 8192)
-    real = np.array([len(x) for x in ids])
-    plan = pipeline.plan_batches(real, batch_size=batch_size, max_tokens=model.max_tokens_per_batch)
-    shapes = sorted({(L, rows) for L, rows, _ in plan}, reverse=True)
+    batches, real, _ = model.batches(texts, batch_size=batch_size, max_length=8192)
+    plan = [(b.input_ids.shape[1], b.input_ids.shape[0]) for b in batches]
+    shapes = sorted(set(plan), reverse=True)
 
     heads = pipeline.HEADS
     for L, rows in shapes:  # compile (or fetch from the persistent cache) each bucket, timed alone
@@ -110,13 +109,13 @@ def run(args) -> dict:
         model.encode_padded(texts, batch_size=batch_size, max_length=8192, heads=heads, show_progress=False)
         times.append(time.perf_counter() - t)
     best = min(times)
-    flops = forward_flops(model.config, [(L, rows) for L, rows, _ in plan])
+    flops = forward_flops(model.config, plan)
     backend = jax.default_backend()
     peak = args.peak_flops or PEAK_FLOPS.get(backend, 0)
     result = {
         "engine": "m3jax", "backend": backend, "devices": len(model.devices), "dtype": args.dtype,
         "attn": args.attn, "texts": len(texts), "real_tokens": int(real.sum()),
-        "padded_tokens": int(sum(L * rows for L, rows, _ in plan)), "batch_size": batch_size,
+        "padded_tokens": int(sum(L * rows for L, rows in plan)), "batch_size": batch_size,
         "seconds": round(best, 3), "tokens_per_s": round(real.sum() / best, 1),
         "achieved_tflops": round(flops / best / 1e12, 4), "peak_tflops": peak / 1e12,
         "fraction_of_peak": round(flops / best / peak, 4) if peak else None,
