@@ -5,8 +5,9 @@ return [B, T, N, H] in v's dtype. Softmax always runs in float32. Rows of padded
 meaningless; callers never read them.
 
 - "xla":     plain einsum + softmax; materialises [B, N, T, T] float32 scores.
-- "chunked": the same maths over query blocks (lax.map), so at most [B, N, C, T] scores live at once; what an
-             8,192-token document needs on CPU and other backends without a fused kernel.
+- "chunked": blocked attention with an online softmax (query blocks x key blocks), so at most
+             [B, N, 256, 512] scores live at once; what an 8,192-token document needs on CPU and other backends
+             without a fused kernel, and 4x faster than "xla" there at 4k tokens.
 - "cudnn":   jax.nn.dot_product_attention with sequence lengths (fused flash attention on NVIDIA GPUs, bf16/fp16).
 - "splash":  Pallas splash attention for TPU (runs in interpret mode elsewhere, for testing).
 """
@@ -23,9 +24,10 @@ import jax.numpy as jnp
 Impl = Literal["auto", "xla", "chunked", "cudnn", "splash"]
 IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 
-# Above this many query tokens the XLA path would hold N*T*T*4 bytes of scores per layer (1 GiB at T=4096, N=16).
-CHUNK_THRESHOLD = 2048
-CHUNK_SIZE = 512
+# Above this length the blocked path is faster on CPU (measured: equal at 512, 2.5x at 1,024, 4x at 4,352 tokens)
+# and, unlike the XLA path, never holds N*T*T*4 bytes of scores (4 GiB per layer at T=8,192, N=16).
+CHUNK_THRESHOLD = 512
+BLOCK_Q, BLOCK_K = 256, 512  # best of the sizes measured on this CPU at 4,352 tokens
 
 
 def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None) -> str:
@@ -70,15 +72,46 @@ def _xla(q, k, v, mask):
     return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def _chunked(q, k, v, mask, chunk: int = CHUNK_SIZE):
+def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+    """Blocked attention with an online softmax (flash attention's recurrence, in plain XLA): query blocks in
+    lax.map, key blocks in lax.scan, so at most [B, N, block_q, block_k] scores exist at once. (exp2 with log2(e)
+    folded into the scale measured up to 25% faster on CPU, but XLA's exp2 is off by ~10 ulp against exp's 1.)"""
     b, t, n, h = q.shape
-    if t <= chunk:
+    if t <= block_q:
         return _xla(q, k, v, mask)
-    pad = -t % chunk
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    blocks = qp.reshape(b, (t + pad) // chunk, chunk, n, h).swapaxes(0, 1)  # [C, B, chunk, N, H]
-    out = jax.lax.map(lambda qb: _xla(qb, k, v, mask), blocks)
-    return out.swapaxes(0, 1).reshape(b, t + pad, n, h)[:, :t]
+    pq, pk = -t % block_q, -t % block_k
+    nq, nk = (t + pq) // block_q, (t + pk) // block_k
+    scale = 1.0 / math.sqrt(h)
+    # A finite floor, not -inf: a block of padding keys must not turn the running max into NaN.
+    bias = jnp.pad(jnp.where(mask, 0.0, -1e30), ((0, 0), (0, pk)), constant_values=-1e30).astype(jnp.float32)
+
+    def blocks(x, pad, size, count):  # [B, T, N, H] -> [count, B, N, size, H]
+        x = jnp.pad(x.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, pad), (0, 0)))
+        return x.reshape(b, n, count, size, h).transpose(2, 0, 1, 3, 4)
+
+    kb, vb = blocks(k, pk, block_k, nk), blocks(v, pk, block_k, nk)
+    bb = bias.reshape(b, nk, block_k).transpose(1, 0, 2)  # [nk, B, block_k]
+
+    def one_query_block(qb):  # [B, N, block_q, H]
+        def step(carry, kvb):
+            m, l, acc = carry
+            kk, vv, bias_k = kvb
+            s = jnp.einsum("bnqh,bnkh->bnqk", qb, kk, preferred_element_type=jnp.float32) + bias_k[:, None, None]
+            m_new = jnp.maximum(m, s.max(-1))
+            p = jnp.exp(s - m_new[..., None])
+            corr = jnp.exp(m - m_new)
+            acc = acc * corr[..., None] + jnp.einsum("bnqk,bnkh->bnqh", p.astype(vv.dtype), vv,
+                                                     preferred_element_type=jnp.float32)
+            return (m_new, l * corr + p.sum(-1), acc), None
+
+        init = (jnp.full((b, n, block_q), -1e30, jnp.float32), jnp.zeros((b, n, block_q), jnp.float32),
+                jnp.zeros((b, n, block_q, h), jnp.float32))
+        (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, bb))
+        return acc / l[..., None]
+
+    qs = blocks(q * jnp.asarray(scale, q.dtype), pq, block_q, nq)
+    out = jax.lax.map(one_query_block, qs)  # [nq, B, N, block_q, H]
+    return out.transpose(1, 0, 3, 2, 4).reshape(b, t + pq, n, h)[:, :t].astype(v.dtype)
 
 
 def _cudnn(q, k, v, mask):

@@ -1,0 +1,93 @@
+"""Every attention implementation against the plain XLA path, on CPU (TPU kernels in interpret mode)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from m3jax.attention import attention, choose_impl
+
+
+def inputs(b, t, n, h, lengths, seed=0, dtype=jnp.float32, scale=2.0):
+    rng = np.random.default_rng(seed)
+    q, k, v = (jnp.asarray(rng.standard_normal((b, t, n, h)) * scale, dtype) for _ in range(3))
+    mask = jnp.arange(t)[None] < jnp.asarray(lengths)[:, None]
+    return q, k, v, mask
+
+
+def truth(q, k, v, mask):
+    """Float64 attention on the host: the yardstick both float32 paths are held to."""
+    qn, kn, vn = (np.asarray(x, np.float64) for x in (q, k, v))
+    s = np.einsum("btnh,bsnh->bnts", qn, kn) / np.sqrt(q.shape[-1])
+    s = np.where(np.asarray(mask)[:, None, None, :], s, -np.inf)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    return jnp.asarray(np.einsum("bnts,bsnh->btnh", p / p.sum(-1, keepdims=True), vn))
+
+
+def max_err_on_real_rows(a, b, mask):
+    return float(jnp.where(mask[..., None, None], jnp.abs(a.astype(jnp.float32) - b.astype(jnp.float32)), 0).max())
+
+
+@pytest.mark.parametrize("t,lengths", [(700, [700, 300]), (1024, [1024, 1]), (1300, [1300, 513]),
+                                       (2049, [2049, 2048])])
+def test_chunked_matches_xla(t, lengths):
+    q, k, v, mask = inputs(len(lengths), t, 4, 32, lengths)
+    ref = attention(q, k, v, mask, impl="xla")
+    out = attention(q, k, v, mask, impl="chunked")
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert bool(jnp.isfinite(out).all())
+    exact = truth(q, k, v, mask)
+    # As close to float64 as the plain path is (these logits are sharp: both are ~1e-5 off).
+    assert max_err_on_real_rows(out, exact, mask) <= max(1.5 * max_err_on_real_rows(ref, exact, mask), 2e-6)
+
+
+def test_chunked_never_builds_full_score_matrix():
+    """The compiled blocked path holds no [B, N, T, T] buffer (the XLA path does)."""
+    t, n = 4096, 4
+    q, k, v, mask = inputs(1, t, n, 16, [t])
+    full_bytes = n * t * t * 4
+
+    def biggest(impl):
+        hlo = jax.jit(lambda *a: attention(*a, impl=impl)).lower(q, k, v, mask).compile()
+        return hlo.memory_analysis().temp_size_in_bytes
+
+    assert biggest("xla") >= full_bytes
+    assert biggest("chunked") < full_bytes / 8
+
+
+def test_splash_interpret_matches_xla():
+    q, k, v, mask = inputs(2, 256, 2, 64, [256, 77])
+    ref = attention(q, k, v, mask, impl="xla")
+    out = attention(q, k, v, mask, impl="splash")  # Pallas TPU kernel, interpret mode off-TPU
+    exact = truth(q, k, v, mask)
+    assert max_err_on_real_rows(out, exact, mask) <= max(1.5 * max_err_on_real_rows(ref, exact, mask), 2e-6)
+
+
+def test_bfloat16_inputs_keep_float32_softmax():
+    q, k, v, mask = inputs(2, 600, 4, 32, [600, 200], dtype=jnp.bfloat16, scale=1.0)
+    ref = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, impl="xla")
+    errs = {}
+    for impl in ("xla", "chunked"):
+        out = attention(q, k, v, mask, impl=impl)
+        assert out.dtype == jnp.bfloat16
+        errs[impl] = max_err_on_real_rows(out, ref, mask)
+    assert errs["chunked"] <= max(2 * errs["xla"], 0.02), errs
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
+def test_cudnn_matches_xla():
+    q, k, v, mask = inputs(2, 512, 4, 64, [512, 100], dtype=jnp.bfloat16)
+    ref = attention(q, k, v, mask, impl="xla")
+    assert max_err_on_real_rows(attention(q, k, v, mask, impl="cudnn"), ref, mask) < 0.05
+
+
+def test_dispatch_by_backend_length_and_dtype():
+    assert choose_impl(8192, jnp.bfloat16, "gpu") == "cudnn"
+    assert choose_impl(8192, jnp.float32, "gpu") == "chunked"
+    assert choose_impl(512, jnp.float32, "gpu") == "xla"
+    assert choose_impl(1024, jnp.bfloat16, "tpu") == "splash"
+    assert choose_impl(100, jnp.float32, "tpu") == "xla"
+    assert choose_impl(512, jnp.float32, "cpu") == "xla"
+    assert choose_impl(513, jnp.float32, "cpu") == "chunked"
+    with pytest.raises(ValueError, match="unknown attention impl 'fast'"):
+        attention(*inputs(1, 8, 1, 4, [8]), impl="fast")
