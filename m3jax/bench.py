@@ -128,9 +128,9 @@ def run(args) -> dict:
 
 
 def _default_model() -> Path:
-    from m3jax.cli import _random_model_dir
+    from m3jax.testing import random_m3jax_dir
 
-    return _random_model_dir("bge-m3")
+    return random_m3jax_dir("bge-m3")
 
 
 def main(args) -> int:

@@ -6,7 +6,6 @@ import argparse
 import logging
 import sys
 import time
-from pathlib import Path
 
 DEMO_TEXTS = [
     "What is BGE M3?",
@@ -16,27 +15,6 @@ DEMO_TEXTS = [
     "北京是中华人民共和国的首都。",
     "Берлин — столица Германии.",
 ]
-
-
-def _random_model_dir(size: str) -> Path:
-    """A randomly initialised checkpoint of the real architecture, written once under $M3JAX_HOME."""
-    from m3jax import checkpoint
-    from m3jax.config import M3Config
-    from m3jax.model import init_model
-    from m3jax.testing import write_tokenizer, xlmr_tokenizer_json
-
-    dst = checkpoint.cache_root() / f"random-{size}"
-    if checkpoint.is_m3jax_dir(dst):
-        return dst
-    cfg = M3Config.bge_m3() if size == "bge-m3" else M3Config.tiny()
-    from flax import nnx
-
-    params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed=0), nnx.Param))
-    tok = checkpoint.cache_root() / "xlmr-tokenizer"
-    tok.mkdir(parents=True, exist_ok=True)
-    xlmr_tokenizer_json()  # raises with the install hint if the package is missing
-    write_tokenizer(tok)
-    return checkpoint.save_m3jax(dst, cfg, params, tok, overwrite=True, metadata={"random_weights": True})
 
 
 def demo(args) -> int:
@@ -54,7 +32,9 @@ def demo(args) -> int:
         size = args.random_size
         print(f"{args.model}: not available ({str(e).split('. ')[0]}); running on a randomly initialised "
               f"{size} checkpoint written locally: RANDOM WEIGHTS, meaningless numbers, real pipeline.")
-        path = _random_model_dir(size)
+        from m3jax.testing import random_m3jax_dir
+
+        path = random_m3jax_dir(size)
         model = BGEM3.from_pretrained(path, dtype=args.dtype)
         label = f"random {size} ({path})"
     t0 = time.perf_counter()

@@ -94,3 +94,24 @@ def _random_like(name: str, p, gen):
     if "embeddings" in name:
         return 0.5 * torch.randn(p.shape, generator=gen)
     return torch.randn(p.shape, generator=gen) / p.shape[1] ** 0.5  # Linear [out, in]: O(1) activations
+
+
+def random_m3jax_dir(size: str = "bge-m3") -> Path:
+    """An m3jax directory of random weights ("bge-m3": the real architecture, or "tiny"), written once under
+    $M3JAX_HOME and reused: the offline stand-in for BAAI/bge-m3 in the demo, benchmarks and notebooks."""
+    from flax import nnx
+
+    from m3jax import checkpoint
+    from m3jax.model import init_model
+
+    if size not in ("bge-m3", "tiny"):
+        raise ValueError(f"size must be 'bge-m3' or 'tiny', got {size!r}")
+    dst = checkpoint.cache_root() / f"random-{size}"
+    if checkpoint.is_m3jax_dir(dst):
+        return dst
+    cfg = M3Config.bge_m3() if size == "bge-m3" else M3Config.tiny()
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed=0), nnx.Param))
+    tok = checkpoint.cache_root() / "xlmr-tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(tok)
+    return checkpoint.save_m3jax(dst, cfg, params, tok, overwrite=True, metadata={"random_weights": True})

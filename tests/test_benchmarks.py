@@ -1,0 +1,39 @@
+"""The benchmark entry points run (on a tiny model here): `m3jax bench` and the prepared GPU script's CPU check."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run(args, tmp_path):
+    env = {**os.environ, "M3JAX_HOME": str(tmp_path / "home"), "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
+
+
+def test_bench_cli_reports_throughput_flops_compile_and_memory(release_dirs, tmp_path):
+    r = run(["-m", "m3jax", "bench", "--model", str(release_dirs["tiny"]), "--lengths", "30,70,70,200",
+             "--batch-size", "2", "--json-stdout", "--cache-dir", str(tmp_path / "jc")], tmp_path)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout)
+    assert res["texts"] == 4 and abs(res["real_tokens"] - 370) <= 8  # make_texts hits lengths within a few tokens
+    assert res["tokens_per_s"] > 0 and 0 < res["fraction_of_peak"] < 1
+    assert res["padded_tokens"] >= res["real_tokens"]
+    assert set(res["compile_s"]) and all(v >= 0 for v in res["compile_s"].values())
+    assert res["peak_rss_gb"] > 0
+    assert any((tmp_path / "jc").iterdir())  # the persistent compilation cache was written
+
+
+def test_gpu_script_checks_out_on_cpu(tmp_path):
+    r = run(["benchmarks/gpu_bench.py", "--check-on-cpu", "--repeat", "1", "--out", str(tmp_path)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "gpu_bench.json").read_text())
+    assert [w["length"] for w in res["workloads"]] == [64, 512]
+    for w in res["workloads"]:
+        assert w["min_dense_cosine"] > 0.999  # m3jax and FlagEmbedding agree on the same texts
+        assert w["m3jax"]["tokens_per_s"] > 0 and w["flag"]["tokens_per_s"] > 0
+        assert w["flag"]["engine"] == "FlagEmbedding BGEM3FlagModel"
