@@ -36,6 +36,8 @@ def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str |
     path = str(checkpoint.cache_root() / "jax_cache") if cache is True else str(cache)
     Path(path).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", path)
+    # A bucket compiles in about a second on CPU, under JAX's default 1 s threshold: cache every one.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
 
 
@@ -115,7 +117,7 @@ class BGEM3:
             dtype = "bfloat16" if use_bf16 or (use_fp16 and accel) else "float32"
         self.dtype = resolve_dtype(dtype)
         self.compilation_cache_dir = configure_compilation_cache(compilation_cache)
-        cfg, params, tokenizer_dir = _load(model_name_or_path, cache_dir=cache_dir)
+        cfg, params, tokenizer_dir = _load(model_name_or_path, cache_dir=cache_dir, dtype=self.dtype)
         if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:
             raise ValueError(f"colbert_dim={colbert_dim}, but the checkpoint's ColBERT head has {cfg.colbert_dim}")
         self._set_model(cfg, params, tokenizer_dir)
@@ -426,7 +428,7 @@ def _check_texts(texts: Any) -> Sequence[str]:
     return texts
 
 
-def _load(name_or_path, *, cache_dir=None) -> tuple[M3Config, dict, Path]:
+def _load(name_or_path, *, cache_dir=None, dtype="float32") -> tuple[M3Config, dict, Path]:
     """Local directories load directly; a hub id is converted once into $M3JAX_HOME/models and reused."""
     path = Path(name_or_path).expanduser()
     if not path.exists() and checkpoint._REPO_ID.match(str(name_or_path)):
@@ -436,4 +438,4 @@ def _load(name_or_path, *, cache_dir=None) -> tuple[M3Config, dict, Path]:
             checkpoint.convert_release(checkpoint.resolve(name_or_path, cache_dir=cache_dir), cached,
                                        overwrite=True)
         path = cached
-    return checkpoint.load_params(path)
+    return checkpoint.load_params(path, dtype=dtype)

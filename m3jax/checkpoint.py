@@ -243,8 +243,12 @@ def convert_release(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite
     return save_m3jax(dst, cfg, params, src, overwrite=overwrite, metadata={"source": str(src)})
 
 
-def read_m3jax(src: str | os.PathLike) -> tuple[M3Config, dict]:
+def read_m3jax(src: str | os.PathLike, *, dtype: Any = "float32") -> tuple[M3Config, dict]:
+    """(config, parameter tree) of an m3jax directory. dtype: what the matmul parameters are restored as
+    ("bfloat16" halves the memory a bf16 model needs at load); LayerNorm parameters stay float32."""
     import orbax.checkpoint as ocp
+
+    from m3jax.model import resolve_dtype
 
     src = Path(src).absolute()
     try:
@@ -257,7 +261,9 @@ def read_m3jax(src: str | os.PathLike) -> tuple[M3Config, dict]:
     cfg = M3Config.from_json_file(src / "config.json", colbert_dim=meta.get("colbert_dim"))
     shapes = param_shapes(cfg)
     cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
-    target = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32, sharding=cpu) for p, s in shapes.items()})
+    wide = resolve_dtype(dtype)
+    target = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32 if "LayerNorm" in p else wide, sharding=cpu)
+                        for p, s in shapes.items()})
     try:
         with ocp.StandardCheckpointer() as ckptr:
             params = ckptr.restore(src / "params", target)
@@ -267,11 +273,13 @@ def read_m3jax(src: str | os.PathLike) -> tuple[M3Config, dict]:
     return cfg, params
 
 
-def load_params(name_or_path: str | os.PathLike, **resolve_kw) -> tuple[M3Config, dict, Path]:
-    """(config, float32 parameter tree, tokenizer directory) from either kind of directory, or a hub id."""
+def load_params(name_or_path: str | os.PathLike, *, dtype: Any = "float32", **resolve_kw
+                ) -> tuple[M3Config, dict, Path]:
+    """(config, parameter tree, tokenizer directory) from either kind of directory, or a hub id. Parameters are
+    float32 unless an m3jax directory is restored straight into dtype (see read_m3jax)."""
     src = resolve(name_or_path, **resolve_kw)
     if is_m3jax_dir(src):
-        cfg, params = read_m3jax(src)
+        cfg, params = read_m3jax(src, dtype=dtype)
     elif (src / "config.json").is_file():
         cfg, params = read_release(src)
     else:

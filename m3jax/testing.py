@@ -56,10 +56,22 @@ def write_random_release(dst: str | os.PathLike, cfg: M3Config, *, seed: int = 0
     with torch.device("meta"):
         model = XLMRobertaModel(hf)
     model = model.to_empty(device="cpu")
+    with torch.no_grad():  # to_empty leaves the non-persistent id buffers uninitialised
+        for name, buf in model.named_buffers():
+            buf.copy_(_random_like(name, buf, gen))
     state = {}
     for name, p in model.state_dict().items():
         state[name] = _random_like(name, p, gen)
     model.load_state_dict(state)
+    d = cfg.hidden_size
+    colbert_w = torch.randn(cfg.colbert_dim, d, generator=gen) / d**0.5
+    sparse_w = torch.randn(1, d, generator=gen) / d**0.5
+    # Centre the sparse head on real hidden states: with a random bias the ReLU can be dead (or always on) for
+    # every token, and a lexical comparison would then test nothing.
+    sample = _sample_ids(torch)
+    with torch.no_grad():
+        logits = (model.eval()(input_ids=sample).last_hidden_state @ sparse_w.half().float().T).flatten()
+    sparse_b = -logits.median().reshape(1)
     if roberta_prefix:
         from safetensors.torch import save_file
 
@@ -69,12 +81,9 @@ def write_random_release(dst: str | os.PathLike, cfg: M3Config, *, seed: int = 0
     else:
         model.save_pretrained(dst, safe_serialization=(weights_format == "safetensors"))
     del model, state
-    d = cfg.hidden_size
     heads = {
-        "colbert_linear": {"weight": torch.randn(cfg.colbert_dim, d, generator=gen) / d**0.5,
-                           "bias": 0.1 * torch.randn(cfg.colbert_dim, generator=gen)},
-        "sparse_linear": {"weight": torch.randn(1, d, generator=gen) / d**0.5,
-                          "bias": 0.1 * torch.randn(1, generator=gen)},
+        "colbert_linear": {"weight": colbert_w, "bias": 0.1 * torch.randn(cfg.colbert_dim, generator=gen)},
+        "sparse_linear": {"weight": sparse_w, "bias": sparse_b},
     }
     for name, sd in heads.items():
         torch.save({k: v.half() for k, v in sd.items()}, dst / f"{name}.pt")
@@ -82,11 +91,23 @@ def write_random_release(dst: str | os.PathLike, cfg: M3Config, *, seed: int = 0
     return dst
 
 
+def _sample_ids(torch):
+    """A few multilingual sentences as one row of XLM-R token ids."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(xlmr_tokenizer_json()))
+    text = ("BGE M3 is an embedding model supporting dense retrieval. 北京是中华人民共和国的首都。 "
+            "Берлин — столица Германии. La tour Eiffel est à Paris. 東京は日本の首都である。")
+    return torch.tensor([tok.encode(text).ids])
+
+
 def _random_like(name: str, p, gen):
     import torch
 
-    if name.endswith("position_ids") or not p.dtype.is_floating_point:
-        return torch.arange(p.shape[-1]).expand(p.shape).clone() if p.ndim else p
+    if name.endswith("position_ids"):
+        return torch.arange(p.shape[-1]).expand(p.shape).clone()
+    if not p.dtype.is_floating_point:  # token_type_ids buffer
+        return torch.zeros_like(p)
     if "LayerNorm.weight" in name:
         return 0.5 + torch.rand(p.shape, generator=gen)  # scales in [0.5, 1.5)
     if name.endswith("bias") or "LayerNorm" in name:

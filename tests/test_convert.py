@@ -73,6 +73,18 @@ def test_library_conversion_matches_direct_release_load(release_dirs, tmp_path):
         np.testing.assert_array_equal(np.asarray(flat_a[k]), np.asarray(flat_b[k]), err_msg=k)
 
 
+def test_m3jax_dir_restores_straight_into_bfloat16(release_dirs, tmp_path):
+    import jax.numpy as jnp
+
+    dst = convert_release(release_dirs["tiny"], tmp_path / "m3")
+    _, f32, _ = load_params(dst)
+    _, bf16, _ = load_params(dst, dtype="bfloat16")
+    for k, v in _leaves(bf16):
+        want = jnp.float32 if "LayerNorm" in k else jnp.bfloat16
+        assert v.dtype == want, k
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(dict(_leaves(f32))[k]).astype(want), err_msg=k)
+
+
 def _leaves(tree, prefix=""):
     for k, v in tree.items():
         if isinstance(v, dict):
