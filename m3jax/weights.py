@@ -7,8 +7,7 @@ in PyTorch and [in, out] kernels here; per-layer tensors `encoder.layer.{i}.*` a
 from __future__ import annotations
 
 import dataclasses
-import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -173,7 +172,3 @@ def unflatten(flat: Mapping[str, np.ndarray]) -> dict:
             node = node.setdefault(p, {})
         node[leaf] = v
     return tree
-
-
-def count_params(shapes: Iterable[tuple[int, ...]]) -> int:
-    return sum(math.prod(s) for s in shapes)
