@@ -232,24 +232,10 @@ def _dense_all_pairs(q, p, chunk):
     return map_chunks(lambda pc: dense_block(q, pc), (p,), chunk)
 
 
-@functools.partial(jax.jit, static_argnames=("vocab_size",))
-def _lexical_paired(q_ids, q_weights, p_ids, p_weights, vocab_size):
-    return lexical_pairs(q_ids, q_weights, p_ids, p_weights, vocab_size)
-
-
-@functools.partial(jax.jit, static_argnames=("chunk", "query_block", "vocab_size"))
-def _lexical_all_pairs(q_ids, q_weights, p_ids, p_weights, chunk, query_block, vocab_size):
-    return lexical_matrix(q_ids, q_weights, p_ids, p_weights, chunk, query_block, vocab_size)
-
-
-@functools.partial(jax.jit, static_argnames=("zero_floor",))
-def _colbert_paired(q, q_mask, p, p_mask, zero_floor):
-    return maxsim_pairs(q, q_mask, p, p_mask, zero_floor)
-
-
-@functools.partial(jax.jit, static_argnames=("zero_floor", "chunk", "query_block"))
-def _colbert_all_pairs(q, q_mask, p, p_mask, zero_floor, chunk, query_block):
-    return colbert_matrix(q, q_mask, p, p_mask, zero_floor, chunk, query_block)
+_lexical_paired = jax.jit(lexical_pairs, static_argnames=("vocab_size",))
+_lexical_all_pairs = jax.jit(lexical_matrix, static_argnames=("chunk", "query_block", "vocab_size"))
+_colbert_paired = jax.jit(maxsim_pairs, static_argnames=("zero_floor",))
+_colbert_all_pairs = jax.jit(colbert_matrix, static_argnames=("zero_floor", "chunk", "query_block"))
 
 
 def _empty(q_rows: int, p_rows: int) -> jax.Array | None:
