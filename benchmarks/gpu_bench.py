@@ -36,14 +36,15 @@ def m3jax_run(path, texts, batch_size, dtype, repeat):
     from m3jax.bench import forward_flops
 
     model = BGEM3.from_pretrained(path, dtype=dtype, batch_size=batch_size, compilation_cache=False)
-    batches, lengths, _ = model.batches(texts, batch_size=batch_size, max_length=8192)
+    max_length = model.config.max_length
+    batches, lengths, _ = model.batches(texts, batch_size=batch_size, max_length=max_length)
     for b in batches:  # compile every shape first
         model.executable(b.input_ids.shape[1], b.input_ids.shape[0])
-    model.encode_padded(texts, batch_size=batch_size, max_length=8192, show_progress=False)  # warm-up
+    model.encode_padded(texts, batch_size=batch_size, max_length=max_length, show_progress=False)  # warm-up
     times = []
     for _ in range(repeat):
         t = time.perf_counter()
-        res = model.encode_padded(texts, batch_size=batch_size, max_length=8192, show_progress=False)
+        res = model.encode_padded(texts, batch_size=batch_size, max_length=max_length, show_progress=False)
         times.append(time.perf_counter() - t)
     best = min(times)
     flops = forward_flops(model.config, [(b.input_ids.shape[1], b.input_ids.shape[0]) for b in batches])

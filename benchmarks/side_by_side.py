@@ -12,7 +12,7 @@ Each engine runs in its own process, one at a time, so peak RSS is its own. All 
   steady       a second encode() of the same texts in the same process;
   forward      model forward passes only, on the batches the engine forms.
 ONNX Runtime is skipped for the long workload by default: the reference measured a 23.7 GB peak there (unfused
-[16, L, L] float32 attention), more than this 24 GB machine can spare.
+[16, L, L] float32 attention), more than a 24 GB machine can spare.
 """
 
 from __future__ import annotations

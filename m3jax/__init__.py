@@ -6,7 +6,7 @@
 """
 
 from m3jax import scoring
-from m3jax.api import BGEM3, BGEM3FlagModel, configure_compilation_cache
+from m3jax.api import BGEM3, BGEM3FlagModel
 from m3jax.checkpoint import (
     CheckpointError,
     HubUnavailableError,
@@ -17,8 +17,9 @@ from m3jax.checkpoint import (
 )
 from m3jax.config import ConfigError, M3Config
 from m3jax.encode import EncodeResult
+from m3jax.engine import Encoder, configure_compilation_cache
 from m3jax.index import CorpusIndex
-from m3jax.model import BGEM3Model, forward, init_model, model_from_params
+from m3jax.model import BGEM3Model, ModelOutputs, forward, init_model, model_from_params
 from m3jax.weights import ConversionError
 
 __all__ = [
@@ -30,8 +31,10 @@ __all__ = [
     "ConversionError",
     "CorpusIndex",
     "EncodeResult",
+    "Encoder",
     "HubUnavailableError",
     "M3Config",
+    "ModelOutputs",
     "configure_compilation_cache",
     "convert_release",
     "export_release",

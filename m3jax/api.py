@@ -1,67 +1,24 @@
-"""`BGEM3`: FlagEmbedding's BGEM3FlagModel surface over the JAX pipeline (`from m3jax import BGEM3FlagModel`)."""
+"""`BGEM3`: FlagEmbedding's BGEM3FlagModel surface over the m3jax Encoder (`from m3jax import BGEM3FlagModel`)."""
 
 from __future__ import annotations
 
 import logging
 import os
 import sys
-import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
-from flax import nnx
 
 from m3jax import checkpoint, scoring
 from m3jax import encode as pipeline
-from m3jax.config import M3Config
-from m3jax.model import BGEM3Model, model_from_params, resolve_dtype
-from m3jax.tokenizer import Tokenizer
+from m3jax.engine import Encoder, configure_compilation_cache, resolve_devices
+from m3jax.model import BGEM3Model
 
 logger = logging.getLogger("m3jax")
 
 SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
-
-
-def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
-    """Turns on JAX's persistent compilation cache (default `$M3JAX_HOME/jax_cache`), unless the user already
-    configured one or passed False. Returns the directory in use."""
-    current = jax.config.jax_compilation_cache_dir
-    if cache is False:
-        return current
-    if current and cache is True:
-        return current
-    path = str(checkpoint.cache_root() / "jax_cache") if cache is True else str(cache)
-    Path(path).mkdir(parents=True, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    # A bucket compiles in about a second on CPU, under JAX's default 1 s threshold: cache every one.
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    return path
-
-
-def _resolve_devices(devices: Any) -> list:
-    if devices is None:
-        return jax.local_devices()
-    items = devices if isinstance(devices, (list, tuple)) else [devices]
-    out = []
-    for d in items:
-        if isinstance(d, jax.Device):
-            out.append(d)
-        elif isinstance(d, int):
-            out.append(jax.local_devices()[d])
-        elif isinstance(d, str):
-            name, _, num = d.partition(":")
-            name = {"cuda": "gpu"}.get(name, name)
-            try:
-                devs = jax.local_devices(backend=name)
-            except RuntimeError as e:
-                raise ValueError(f"device {d!r}: no {name} backend available ({e})") from None
-            out.extend([devs[int(num)]] if num else devs)
-        else:
-            raise TypeError(f"devices: cannot interpret {d!r} ({type(d).__name__})")
-    return out
 
 
 class BGEM3:
@@ -111,20 +68,22 @@ class BGEM3:
         trust_remote_code: bool = False,  # accepted for compatibility; nothing remote is ever executed
     ):
         del trust_remote_code
-        self.devices = _resolve_devices(devices)
+        devs = resolve_devices(devices)
         if dtype is None:
-            accel = self.devices[0].platform != "cpu"
+            accel = devs[0].platform != "cpu"
             dtype = "bfloat16" if use_bf16 or (use_fp16 and accel) else "float32"
-        self.dtype = resolve_dtype(dtype)
         self.compilation_cache_dir = configure_compilation_cache(compilation_cache)
-        cfg, params, tokenizer_dir = _load(model_name_or_path, cache_dir=cache_dir, dtype=self.dtype)
-        if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:
-            raise ValueError(f"colbert_dim={colbert_dim}, but the checkpoint's ColBERT head has {cfg.colbert_dim}")
-        self._set_model(cfg, params, tokenizer_dir)
-        self.model_name_or_path = str(model_name_or_path)
-        self.normalize_embeddings = normalize_embeddings
         if pooling_method not in ("cls", "mean"):
             raise ValueError(f"pooling_method must be 'cls' or 'mean', got {pooling_method!r}")
+        self.engine = Encoder.from_pretrained(
+            model_name_or_path, cache_dir=cache_dir, dtype=dtype, devices=devs, attn_impl=attn_impl,
+            length_buckets=length_buckets, max_tokens_per_batch=max_tokens_per_batch, pooling=pooling_method,
+            normalize=normalize_embeddings, truncate_dim=truncate_dim)
+        cfg = self.engine.config
+        if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:
+            raise ValueError(f"colbert_dim={colbert_dim}, but the checkpoint's ColBERT head has {cfg.colbert_dim}")
+        self.model_name_or_path = str(model_name_or_path)
+        self.normalize_embeddings = normalize_embeddings
         self.pooling_method = pooling_method
         self.query_instruction_for_retrieval = query_instruction_for_retrieval
         self.query_instruction_format = query_instruction_format
@@ -137,13 +96,6 @@ class BGEM3:
         self.return_sparse = return_sparse
         self.return_colbert_vecs = return_colbert_vecs
         self.truncate_dim = truncate_dim
-        self.max_tokens_per_batch = max_tokens_per_batch
-        buckets = tuple(sorted(int(b) for b in (length_buckets or pipeline.LENGTH_BUCKETS)))
-        if buckets[0] < 2 or buckets[-1] < min(self.config.max_length, pipeline.LENGTH_BUCKETS[-1]):
-            raise ValueError(f"length_buckets must be lengths >= 2 whose largest holds the longest input "
-                             f"({self.config.max_length} tokens), got {length_buckets!r}")
-        self.length_buckets = buckets
-        self.attn_impl = attn_impl
         self.show_progress = show_progress
 
     @classmethod
@@ -153,36 +105,38 @@ class BGEM3:
         return cls(name_or_path, dtype=dtype, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- model
-    def _set_model(self, cfg: M3Config, params, tokenizer_dir) -> None:
-        self.config = cfg
-        self.tokenizer_dir = Path(tokenizer_dir)
-        self.tokenizer = Tokenizer(tokenizer_dir)
-        model = model_from_params(cfg, params, dtype=self.dtype)
-        self.graphdef, state = nnx.split(model)
-        self._compiled: dict = {}  # bucket shape and settings -> compiled executable
-        self.compile_seconds: dict[tuple, float] = {}
-        if len(self.devices) > 1:
-            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
-            self._row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-            self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
-        else:
-            self._row_sharding = None
-            self.state = jax.device_put(state, self.devices[0])
+    # The engine's state, read through: one place holds the model.
+    config = property(lambda self: self.engine.config)
+    tokenizer = property(lambda self: self.engine.tokenizer)
+    tokenizer_dir = property(lambda self: self.engine.tokenizer_dir)
+    devices = property(lambda self: self.engine.devices)
+    dtype = property(lambda self: self.engine.dtype)
+    graphdef = property(lambda self: self.engine.graphdef)
+    state = property(lambda self: self.engine.state)
+    compile_seconds = property(lambda self: self.engine.compile_seconds)
+    length_buckets = property(lambda self: self.engine.length_buckets)
+    max_tokens_per_batch = property(lambda self: self.engine.max_tokens_per_batch)
+    attn_impl = property(lambda self: self.engine.attn_impl)
 
     @property
     def model(self) -> BGEM3Model:
         """The NNX module (a view over the current state), for research and fine-tuning."""
-        return nnx.merge(self.graphdef, self.state)
+        return self.engine.model
 
     @property
     def params(self) -> dict:
         """float32 numpy parameter tree (what checkpoints store)."""
-        pure = nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
-        return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), pure)
+        return self.engine.params
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
         """Writes an m3jax directory (orbax params, config, tokenizer)."""
         return checkpoint.save_m3jax(path, self.config, self.params, self.tokenizer_dir, overwrite=overwrite)
+
+    def export(self, path: str | os.PathLike, *, weights_format: str = "safetensors", overwrite: bool = False
+               ) -> Path:
+        """Writes the release layout FlagEmbedding loads (see m3jax.checkpoint.export_release)."""
+        return checkpoint.export_release((self.config, self.params, self.tokenizer_dir), path,
+                                         weights_format=weights_format, overwrite=overwrite)
 
     # ---------------------------------------------------------------------------------------------- encode
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
@@ -243,70 +197,27 @@ class BGEM3:
     def encode_padded(self, sentences: Sequence[str], *, batch_size: int | None = None,
                       max_length: int | None = None, heads: Sequence[str] = pipeline.HEADS,
                       show_progress: bool | None = None) -> pipeline.EncodeResult:
-        """The JAX-native encode: padded arrays in input order (see EncodeResult for the vector-store formats)."""
-        texts = list(_check_texts(sentences))
+        """The JAX-native encode: outputs in input order (see EncodeResult for the vector-store formats)."""
+        texts = _check_texts(sentences)
         batch_size = self.batch_size if batch_size is None else batch_size
         max_length = self.passage_max_length if max_length is None else max_length
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        limit = self.config.max_length
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
-            raise ValueError(f"max_length must be an int in 1 ... {limit}, got {max_length!r}")
-        if not heads or set(heads) - set(pipeline.HEADS):
-            raise ValueError(f"heads must be a non-empty subset of {pipeline.HEADS}, got {heads!r}")
-        heads = tuple(h for h in pipeline.HEADS if h in heads)
-
-        batches, lengths, truncated = self.batches(texts, batch_size=batch_size, max_length=max_length)
-        cfg = self.config
-
-        def step(b: pipeline.Batch) -> dict:
-            ids_, mask_ = b.input_ids, b.attention_mask
-            if self._row_sharding is not None:
-                ids_, mask_ = jax.device_put((ids_, mask_), self._row_sharding)
-            return self.executable(ids_.shape[1], ids_.shape[0], heads)(self.state, ids_, mask_)
-
         progress = self._progress(len(texts), batch_size, show_progress)
         try:
-            cut = self.truncate_dim or max(cfg.hidden_size, cfg.colbert_dim)
-            dims = {"dense": min(cfg.hidden_size, cut), "colbert": min(cfg.colbert_dim, cut)}
-            return pipeline.run(batches, step, len(texts), lengths, truncated, heads, dims, progress)
+            return self.engine.encode(texts, batch_size=batch_size, max_length=max_length, heads=heads,
+                                      progress=progress)
         finally:
             if progress is not None:
                 progress.close()
 
     def batches(self, texts: Sequence[str], *, batch_size: int, max_length: int
                 ) -> tuple[list[pipeline.Batch], np.ndarray, np.ndarray]:
-        """Tokenises and plans the padded batches encode_padded runs: (batches, lengths [N], truncated [N])."""
-        ids, truncated = self.tokenizer.encode(list(texts), max_length)
-        lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        if truncated.any():
-            logger.warning("%d of %d text(s) truncated to max_length=%d tokens (first: index %d); "
-                           "EncodeResult.truncated lists them", int(truncated.sum()), len(texts), max_length,
-                           int(np.argmax(truncated)))
-        ndev, cfg = len(self.devices), self.config
-        plan = pipeline.plan_batches(lengths, batch_size=max(batch_size, ndev) if ndev > 1 else batch_size,
-                                     max_tokens=self.max_tokens_per_batch, row_multiple=ndev,
-                                     buckets=self.length_buckets)
-        batches = [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
-                   for L, rows, idx in plan]
-        return batches, lengths, truncated
+        """The padded batches encode_padded runs: (batches, lengths [N], truncated [N])."""
+        ids, lengths, truncated = self.engine.tokenize(_check_texts(texts), max_length)
+        return list(self.engine.batches(ids, batch_size=batch_size)), lengths, truncated
 
     def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
-        """The compiled encode step for one bucket shape [rows, length], compiled ahead of time on first use (or
-        fetched from the persistent compilation cache); `compile_seconds` records how long each took."""
-        heads = tuple(h for h in pipeline.HEADS if h in heads)
-        static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling_method,
-                      normalize=self.normalize_embeddings, truncate_dim=self.truncate_dim,
-                      special_ids=self.config.special_ids)
-        key = (length, rows, tuple(sorted(static.items())))
-        exe = self._compiled.get(key)
-        if exe is None:
-            spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self._row_sharding)
-            t0 = time.perf_counter()
-            exe = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static).compile()
-            self.compile_seconds[(length, rows, heads)] = time.perf_counter() - t0
-            self._compiled[key] = exe
-        return exe
+        """The compiled encode step for one bucket shape [rows, length] (see Encoder.executable)."""
+        return self.engine.executable(length, rows, heads)
 
     def _progress(self, n: int, batch_size: int, show: bool | None):
         show = self.show_progress if show is None else show
@@ -354,13 +265,7 @@ class BGEM3:
         dense = np.asarray(scoring.dense_paired(q.dense, p.dense))
         sparse = np.asarray(scoring.lexical_paired(q.sparse_ids, q.sparse_weights, p.sparse_ids, p.sparse_weights,
                                                    vocab_size=self.config.vocab_size))
-        # FlagEmbedding's batches: consecutive pairs, passages padded to the batch's longest.
-        chunk_max = np.concatenate([np.full(len(c), c.max()) for c in np.array_split(
-            p.lengths, range(batch_size, len(pairs), batch_size))])
-        colbert = np.where(p.lengths < chunk_max,
-                           scoring.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask,
-                                                  zero_floor=True),
-                           scoring.colbert_paired(q.colbert, q.colbert_mask, p.colbert, p.colbert_mask))
+        colbert = scoring.flag_colbert_scores(q.colbert_vecs, p.colbert_vecs, batch_size)
         out = {
             "colbert": colbert,
             "sparse": sparse,
@@ -426,16 +331,3 @@ def _check_texts(texts: Any) -> Sequence[str]:
         if not isinstance(t, str):
             raise TypeError(f"sentences[{i}] is {type(t).__name__}, expected str")
     return texts
-
-
-def _load(name_or_path, *, cache_dir=None, dtype="float32") -> tuple[M3Config, dict, Path]:
-    """Local directories load directly; a hub id is converted once into $M3JAX_HOME/models and reused."""
-    path = Path(name_or_path).expanduser()
-    if not path.exists() and checkpoint._REPO_ID.match(str(name_or_path)):
-        cached = checkpoint.cache_root() / "models" / str(name_or_path).replace("/", "--")
-        if not checkpoint.is_m3jax_dir(cached):
-            logger.info("converting %s into %s (once)", name_or_path, cached)
-            checkpoint.convert_release(checkpoint.resolve(name_or_path, cache_dir=cache_dir), cached,
-                                       overwrite=True)
-        path = cached
-    return checkpoint.load_params(path, dtype=dtype)

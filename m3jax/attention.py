@@ -27,7 +27,7 @@ IMPLS = ("auto", "xla", "chunked", "cudnn", "splash")
 # Above this length the blocked path is faster on CPU (measured: equal at 512, 2.5x at 1,024, 4x at 4,352 tokens)
 # and, unlike the XLA path, never holds N*T*T*4 bytes of scores (4 GiB per layer at T=8,192, N=16).
 CHUNK_THRESHOLD = 512
-BLOCK_Q, BLOCK_K = 256, 512  # best of the sizes measured on this CPU at 4,352 tokens
+BLOCK_Q, BLOCK_K = 256, 512  # best of the sizes measured on a 2-core x86 CPU at 4,352 tokens
 
 
 def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None) -> str:
@@ -40,45 +40,58 @@ def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None) -> s
     return "chunked" if seq_len > CHUNK_THRESHOLD else "xla"
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "auto") -> jax.Array:
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl: str = "auto",
+              dropout_rate: float = 0.0, dropout_rng: jax.Array | None = None) -> jax.Array:
     """Bidirectional attention with a key padding mask.
 
     Args:
       q, k, v: [B, T, N, H].
       mask: [B, T] bool, True for real tokens; padding is on the right (XLM-R's default).
       impl: one of IMPLS; "auto" chooses by backend, length and dtype.
+      dropout_rate, dropout_rng: dropout on the attention probabilities (training); with a key and a positive
+        rate, the XLA path (or the blocked one, for long inputs) is used whatever impl says, since the fused
+        kernels take no dropout.
     Returns:
       [B, T, N, H] in v.dtype.
     """
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        impl = choose_impl(q.shape[1], q.dtype)
+    drop = (dropout_rate, dropout_rng) if dropout_rng is not None and dropout_rate > 0 else None
+    if impl == "auto" or (drop is not None and impl in ("cudnn", "splash")):
+        impl = choose_impl(q.shape[1], q.dtype, "cpu" if drop is not None else None)
     if impl == "xla":
-        return _xla(q, k, v, mask)
+        return _xla(q, k, v, mask, drop)
     if impl == "chunked":
-        return _chunked(q, k, v, mask)
+        return _chunked(q, k, v, mask, drop=drop)
     if impl == "cudnn":
         return _cudnn(q, k, v, mask)
     return _splash(q, k, v, mask)
 
 
-def _xla(q, k, v, mask):
+def _dropout(x: jax.Array, drop: tuple[float, jax.Array] | None) -> jax.Array:
+    if drop is None:
+        return x
+    rate, key = drop
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _xla(q, k, v, mask, drop=None):
     scale = 1.0 / math.sqrt(q.shape[-1])
     scores = jnp.einsum("btnh,bsnh->bnts", q, k, preferred_element_type=jnp.float32) * scale
     # Additive finfo.min, as transformers' eager XLM-R: a row with no real key stays finite.
     scores = scores + jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min)[:, None, None, :]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    probs = _dropout(jax.nn.softmax(scores, axis=-1), drop).astype(v.dtype)
     return jnp.einsum("bnts,bsnh->btnh", probs, v, preferred_element_type=jnp.float32).astype(v.dtype)
 
 
-def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
+def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, drop=None):
     """Blocked attention with an online softmax (flash attention's recurrence, in plain XLA): query blocks in
     lax.map, key blocks in lax.scan, so at most [B, N, block_q, block_k] scores exist at once. (exp2 with log2(e)
     folded into the scale measured up to 25% faster on CPU, but XLA's exp2 is off by ~10 ulp against exp's 1.)"""
     b, t, n, h = q.shape
     if t <= block_q:
-        return _xla(q, k, v, mask)
+        return _xla(q, k, v, mask, drop)
     pq, pk = -t % block_q, -t % block_k
     nq, nk = (t + pq) // block_q, (t + pk) // block_k
     scale = 1.0 / math.sqrt(h)
@@ -92,25 +105,30 @@ def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K):
     kb, vb = blocks(k, pk, block_k, nk), blocks(v, pk, block_k, nk)
     bb = bias.reshape(b, nk, block_k).transpose(1, 0, 2)  # [nk, B, block_k]
 
-    def one_query_block(qb):  # [B, N, block_q, H]
+    def one_query_block(qb_i):  # [B, N, block_q, H], block index
+        qb, qi = qb_i
+
         def step(carry, kvb):
             m, l, acc = carry
-            kk, vv, bias_k = kvb
+            kk, vv, bias_k, ki = kvb
             s = jnp.einsum("bnqh,bnkh->bnqk", qb, kk, preferred_element_type=jnp.float32) + bias_k[:, None, None]
             m_new = jnp.maximum(m, s.max(-1))
             p = jnp.exp(s - m_new[..., None])
             corr = jnp.exp(m - m_new)
-            acc = acc * corr[..., None] + jnp.einsum("bnqk,bnkh->bnqh", p.astype(vv.dtype), vv,
+            # Dropout scales what reaches the values, not the normaliser: dropout(softmax(s)) @ v, as eager.
+            pd = p if drop is None else _dropout(p, (drop[0], jax.random.fold_in(jax.random.fold_in(drop[1], qi),
+                                                                                   ki)))
+            acc = acc * corr[..., None] + jnp.einsum("bnqk,bnkh->bnqh", pd.astype(vv.dtype), vv,
                                                      preferred_element_type=jnp.float32)
             return (m_new, l * corr + p.sum(-1), acc), None
 
         init = (jnp.full((b, n, block_q), -1e30, jnp.float32), jnp.zeros((b, n, block_q), jnp.float32),
                 jnp.zeros((b, n, block_q, h), jnp.float32))
-        (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, bb))
+        (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, bb, jnp.arange(nk)))
         return acc / l[..., None]
 
     qs = blocks(q * jnp.asarray(scale, q.dtype), pq, block_q, nq)
-    out = jax.lax.map(one_query_block, qs)  # [nq, B, N, block_q, H]
+    out = jax.lax.map(one_query_block, (qs, jnp.arange(nq)))  # [nq, B, N, block_q, H]
     return out.transpose(1, 0, 3, 2, 4).reshape(b, t + pq, n, h)[:, :t].astype(v.dtype)
 
 

@@ -11,12 +11,10 @@ torch and safetensors (the `convert` extra) are imported only where release file
 from __future__ import annotations
 
 import json
+import logging
 import os
-import re
 import shutil
-import tempfile
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax._io import atomic_dir, cache_root, is_hub_id
 from m3jax.config import ConfigError, M3Config
 from m3jax.weights import ConversionError, param_shapes, params_to_torch, torch_to_params, unflatten
 
@@ -34,7 +33,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
 HUB_PATTERNS = ["config.json", "model.safetensors", "model.safetensors.index.json", "model-*.safetensors",
                 *HEAD_FILES, *TOKENIZER_FILES]
-_REPO_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+logger = logging.getLogger("m3jax")
 
 
 class CheckpointError(ValueError):
@@ -49,10 +49,6 @@ def is_m3jax_dir(path: str | os.PathLike) -> bool:
     return (Path(path) / MARKER).is_file()
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("M3JAX_HOME", Path.home() / ".cache" / "m3jax"))
-
-
 # ------------------------------------------------------------------------------------------------ hub ids
 def resolve(name_or_path: str | os.PathLike, *, cache_dir: str | None = None, revision: str | None = None) -> Path:
     """A local directory as is; an `org/name` hub id downloaded through huggingface_hub (release files only)."""
@@ -62,7 +58,7 @@ def resolve(name_or_path: str | os.PathLike, *, cache_dir: str | None = None, re
             raise CheckpointError(f"{path}: is a file; expected a model directory")
         return path
     name = str(name_or_path)
-    if not _REPO_ID.match(name):
+    if not is_hub_id(name):
         raise CheckpointError(f"{name}: no such directory (and not a hub id of the form 'org/name')")
     try:
         from huggingface_hub import snapshot_download
@@ -112,19 +108,61 @@ class _LazyTensors(Mapping):
         return len(self._t)
 
 
+_ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+class _SafetensorsFile(Mapping):
+    """{key: numpy array} of a .safetensors file, each tensor read with a plain read when asked for.
+
+    Not memory-mapped: mapped file pages count toward the process's resident memory, and reading a 2.3 GB
+    checkpoint through a map would double the conversion's peak. bfloat16 tensors come back as float32.
+    """
+
+    def __init__(self, path: Path):
+        self._path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 2 <= n <= size - 8:
+                raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+            try:
+                header = json.loads(f.read(n))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+        header.pop("__metadata__", None)
+        self._start = 8 + n
+        self._meta = header
+        for key, m in header.items():
+            begin, end = m.get("data_offsets", (0, -1))
+            if m.get("dtype") not in _ST_DTYPES or self._start + end > size or end < begin:
+                raise CheckpointError(f"{path}: tensor {key!r}: bad entry {m} (truncated file or unknown dtype; "
+                                      f"file size {size})")
+
+    def __getitem__(self, key):
+        m = self._meta[key]
+        begin, end = m["data_offsets"]
+        name = _ST_DTYPES[m["dtype"]]
+        dtype = np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
+        count = (end - begin) // dtype.itemsize
+        arr = np.fromfile(self._path, dtype=dtype, count=count, offset=self._start + begin)
+        if count != int(np.prod(m["shape"], dtype=np.int64)):
+            raise CheckpointError(f"{self._path}: tensor {key!r}: {end - begin} bytes for shape {m['shape']}")
+        arr = arr.reshape(m["shape"])
+        return arr.astype(np.float32) if name == "bfloat16" else arr
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._meta)
+
+    def __len__(self) -> int:
+        return len(self._meta)
+
+
 def _read_safetensors(path: Path) -> Mapping[str, Any]:
     try:
-        from safetensors import safe_open
-    except ImportError:
-        raise CheckpointError(f"{path}: reading .safetensors needs safetensors: pip install 'm3jax[convert]'") \
-            from None
-    try:
-        with safe_open(str(path), framework="np") as f:
-            return {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as e:  # noqa: BLE001
-        if "bf16" in str(e).lower() or "bfloat16" in str(e).lower():
-            from safetensors.torch import load_file
-            return load_file(str(path))
+        return _SafetensorsFile(path)
+    except OSError as e:
         raise CheckpointError(f"{path}: cannot read safetensors file ({type(e).__name__}: {e})") from None
 
 
@@ -187,7 +225,7 @@ def export_release(src: Any, dst: str | os.PathLike, *, weights_format: str = "s
                    overwrite: bool = False) -> Path:
     """Writes m3jax weights in the release layout, which FlagEmbedding's BGEM3FlagModel loads.
 
-    src: an m3jax or release directory, or a `BGEM3` / (config, params, tokenizer_dir) triple.
+    src: an m3jax or release directory, or a (config, params, tokenizer_dir) triple.
     weights_format: "safetensors" (model.safetensors) or "bin" (pytorch_model.bin). Heads are stored in float16,
     as the release stores them. The unused pooler is not written.
     """
@@ -195,15 +233,16 @@ def export_release(src: Any, dst: str | os.PathLike, *, weights_format: str = "s
         raise ValueError(f"weights_format must be 'safetensors' or 'bin', got {weights_format!r}")
     if isinstance(src, (str, os.PathLike)):
         cfg, params, tok_dir = load_params(src)
-    elif isinstance(src, tuple):
+    elif isinstance(src, tuple) and len(src) == 3:
         cfg, params, tok_dir = src
-    else:  # a BGEM3 instance
-        cfg, params, tok_dir = src.config, src.params, src.tokenizer_dir
+    else:
+        raise TypeError(f"src must be a directory or a (config, params, tokenizer_dir) triple, got "
+                        f"{type(src).__name__}")
     torch = _torch()
     flat = params_to_torch(jax.tree_util.tree_map(np.asarray, params), cfg)
     encoder = {k: v for k, v in flat.items() if not k.startswith(("colbert_linear.", "sparse_linear."))}
 
-    with _atomic_dir(dst, overwrite) as tmp:
+    with atomic_dir(dst, overwrite, CheckpointError) as tmp:
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
         if weights_format == "safetensors":
             from safetensors.numpy import save_file
@@ -223,11 +262,15 @@ def save_m3jax(dst: str | os.PathLike, cfg: M3Config, params: Mapping, tokenizer
     """Writes an m3jax directory atomically: nothing appears at dst unless every file was written."""
     import orbax.checkpoint as ocp
 
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), dict(params))
-    with _atomic_dir(dst, overwrite) as tmp:
-        ckptr = ocp.StandardCheckpointer()
-        ckptr.save((tmp / "params").absolute(), params)
-        ckptr.wait_until_finished()
+    # As jax arrays on the host CPU (device_put of an aligned numpy array aliases it, no copy): orbax's numpy path
+    # stages about two copies of each leaf, its jax.Array path about one.
+    cpu = jax.local_devices(backend="cpu")[0]
+    params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, dtype=np.float32), cpu), dict(params))
+    with atomic_dir(dst, overwrite, CheckpointError) as tmp:
+        # Only the largest leaf's bytes in flight: the default (96 GB) stages every parameter before writing.
+        largest = max(x.nbytes for x in jax.tree_util.tree_leaves(params))
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(0.1, largest / 1e9 * 1.01)))
+        ckptr.save((tmp / "params").absolute(), args=ocp.args.StandardSave(params))  # synchronous
         ckptr.close()
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
         meta = {"format": "m3jax", "version": FORMAT_VERSION, "colbert_dim": cfg.colbert_dim, **(metadata or {})}
@@ -288,6 +331,19 @@ def load_params(name_or_path: str | os.PathLike, *, dtype: Any = "float32", **re
     return cfg, params, src
 
 
+def load_pretrained(name_or_path: str | os.PathLike, *, cache_dir: str | None = None, dtype: Any = "float32"
+                    ) -> tuple[M3Config, dict, Path]:
+    """load_params, except that a hub id is converted once into $M3JAX_HOME/models and reused from there."""
+    path = Path(name_or_path).expanduser()
+    if not path.exists() and is_hub_id(str(name_or_path)):
+        cached = cache_root() / "models" / str(name_or_path).replace("/", "--")
+        if not is_m3jax_dir(cached):
+            logger.info("converting %s into %s (once)", name_or_path, cached)
+            convert_release(resolve(name_or_path, cache_dir=cache_dir), cached, overwrite=True)
+        path = cached
+    return load_params(path, dtype=dtype)
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _copy_tokenizer(src: str | os.PathLike, dst: Path) -> None:
     src = Path(src)
@@ -299,27 +355,6 @@ def _copy_tokenizer(src: str | os.PathLike, dst: Path) -> None:
             shutil.copyfile(src / name, dst / name)
 
 
-@contextmanager
-def _atomic_dir(dst: str | os.PathLike, overwrite: bool):
-    """Yields a temporary sibling of dst; renames it to dst only if the block finishes."""
-    dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
-        raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
-    try:
-        yield tmp
-        if dst.exists():
-            old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
-            os.rename(dst, old)
-            os.rename(tmp, dst)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, dst)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-__all__ = ["CheckpointError", "ConfigError", "ConversionError", "HubUnavailableError", "convert_release",
-           "export_release", "load_params", "read_m3jax", "read_release", "resolve", "save_m3jax"]
+__all__ = ["CheckpointError", "ConfigError", "ConversionError", "HubUnavailableError", "cache_root", "convert_release",
+           "export_release", "load_params", "load_pretrained", "read_m3jax", "read_release", "resolve",
+           "save_m3jax"]

@@ -32,7 +32,7 @@ def demo(args) -> int:
         size = args.random_size
         print(f"{args.model}: not available ({str(e).split('. ')[0]}); running on a randomly initialised "
               f"{size} checkpoint written locally: RANDOM WEIGHTS, meaningless numbers, real pipeline.")
-        from m3jax.testing import random_m3jax_dir
+        from m3jax.random_weights import random_m3jax_dir
 
         path = random_m3jax_dir(size)
         model = BGEM3.from_pretrained(path, dtype=args.dtype)
@@ -76,6 +76,12 @@ def export(args) -> int:
     return 0
 
 
+def bench(args) -> int:
+    from m3jax import bench as bench_job
+
+    return bench_job.main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -102,12 +108,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=export)
 
-    try:
-        from m3jax import bench
-    except ImportError:
-        bench = None
-    if bench is not None:
-        bench.add_parser(sub)
+    b = sub.add_parser("bench", help="measure tokens/s, FLOP/s vs peak, compile time per bucket, peak memory")
+    b.add_argument("--model", default=None,
+                   help="m3jax/release directory or hub id (default: a random full-size checkpoint, written once)")
+    b.add_argument("--workload", default="passages", choices=["long", "passages", "queries"])
+    b.add_argument("--lengths", default=None, help="comma-separated token lengths instead of a named workload")
+    b.add_argument("--batch-size", type=int, default=None)
+    b.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--attn", default="auto", choices=["auto", "xla", "chunked", "cudnn", "splash"])
+    b.add_argument("--repeat", type=int, default=1)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--peak-flops", type=float, default=None, help="stated peak FLOP/s for the fraction")
+    b.add_argument("--cache-dir", default=None, help="persistent compilation cache directory")
+    b.add_argument("--json", default=None, help="also write the result to this file")
+    b.add_argument("--json-stdout", action="store_true", help="print JSON instead of the table")
+    b.set_defaults(func=bench)
     return p
 
 

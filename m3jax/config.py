@@ -37,6 +37,8 @@ class M3Config:
       layer_norm_eps: epsilon of every LayerNorm (1e-5 in BGE-M3; XLMRobertaConfig's class default is 1e-12).
       pad_token_id, bos_token_id, eos_token_id, unk_token_id: special ids of the XLM-R tokenizer.
       colbert_dim: output width of the ColBERT head (hidden_size in the release).
+      hidden_dropout_prob, attention_probs_dropout_prob: dropout rates used in training (0.1 in the release);
+        inference never applies dropout.
     """
 
     vocab_size: int = 250002
@@ -52,6 +54,8 @@ class M3Config:
     eos_token_id: int = 2
     unk_token_id: int = 3
     colbert_dim: int = 1024
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
 
     def __post_init__(self):
         if self.hidden_size % self.num_heads:
@@ -61,6 +65,9 @@ class M3Config:
         for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size", "colbert_dim"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise ConfigError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.max_length <= 0:
             raise ConfigError(
                 f"max_position_embeddings {self.max_position_embeddings} leaves no room for tokens after the "
@@ -132,6 +139,8 @@ class M3Config:
             eos_token_id=int(hf.get("eos_token_id", 2)),
             unk_token_id=int(hf.get("unk_token_id", 3)),
             colbert_dim=hidden if colbert_dim is None or colbert_dim <= 0 else int(colbert_dim),
+            hidden_dropout_prob=float(hf.get("hidden_dropout_prob", 0.1)),
+            attention_probs_dropout_prob=float(hf.get("attention_probs_dropout_prob", 0.1)),
         )
 
     @classmethod
@@ -153,12 +162,12 @@ class M3Config:
         return {
             "architectures": ["XLMRobertaModel"],
             "model_type": "xlm-roberta",
-            "attention_probs_dropout_prob": 0.1,
+            "attention_probs_dropout_prob": self.attention_probs_dropout_prob,
             "bos_token_id": self.bos_token_id,
             "classifier_dropout": None,
             "eos_token_id": self.eos_token_id,
             "hidden_act": "gelu",
-            "hidden_dropout_prob": 0.1,
+            "hidden_dropout_prob": self.hidden_dropout_prob,
             "hidden_size": self.hidden_size,
             "initializer_range": 0.02,
             "intermediate_size": self.intermediate_size,

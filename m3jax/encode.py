@@ -14,7 +14,8 @@ import bisect
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -127,49 +128,100 @@ def aggregate_sparse(input_ids: jax.Array, weights: jax.Array, attention_mask: j
     return jax.vmap(one)(key, pos, weights.astype(jnp.float32))
 
 
+class EncodeOutputs(NamedTuple):
+    """One batch's requested heads (None for the others), as encode_step returns them.
+
+    dense [B, D]; sparse_ids / sparse_weights [B, T] (see aggregate_sparse); colbert [B, T-1, C], padding zeroed.
+    """
+
+    dense: jax.Array | None = None
+    sparse_ids: jax.Array | None = None
+    sparse_weights: jax.Array | None = None
+    colbert: jax.Array | None = None
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "attn_impl", "pooling", "normalize",
                                              "truncate_dim", "special_ids"))
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
                 heads: tuple[str, ...], attn_impl: str = "auto", pooling: str = "cls", normalize: bool = True,
-                truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3)) -> dict:
-    """One padded batch through the model; returns only the requested heads (XLA prunes the rest).
-
-    Returns: dense [B, D]; sparse_ids / sparse_weights [B, T] (see aggregate_sparse); colbert [B, T-1, C].
-    """
+                truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3)) -> EncodeOutputs:
+    """One padded batch through the model; returns only the requested heads (XLA prunes the rest)."""
     out = nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl, pooling=pooling,
                                      normalize=normalize, truncate_dim=truncate_dim)
-    res = {}
-    if "dense" in heads:
-        res["dense"] = out["dense"]
+    ids = weights = None
     if "sparse" in heads:
-        res["sparse_ids"], res["sparse_weights"] = aggregate_sparse(input_ids, out["sparse"], attention_mask,
-                                                                    special_ids)
-    if "colbert" in heads:
-        res["colbert"] = out["colbert"]
-    return res
+        ids, weights = aggregate_sparse(input_ids, out.sparse, attention_mask, special_ids)
+    return EncodeOutputs(dense=out.dense if "dense" in heads else None, sparse_ids=ids, sparse_weights=weights,
+                         colbert=out.colbert if "colbert" in heads else None)
 
 
 @dataclasses.dataclass
 class EncodeResult:
-    """Padded outputs in input order, plus converters for vector stores.
+    """Outputs in input order, each row kept at its own size, plus converters for vector stores.
 
-    dense: [N, D] float32 or None.
-    sparse_ids: [N, K] int32, -1 padded, unique per row in order of first occurrence; sparse_weights: [N, K].
-    colbert: [N, T, C] float32, zero padded; colbert_mask: [N, T] bool (True = a real token vector).
     lengths: [N] token counts including `<s>` and `</s>`; truncated: [N] bool, cut at max_length.
+    dense: [N, D] float32 or None.
+    sparse: per row (ids int32 unique in order of first occurrence, weights float32), or None.
+    colbert_vecs: per row a [lengths[i] - 1, C] float32 array, or None.
+    Nothing is padded beyond the row's own size, so one long text among many short ones costs only its own
+    vectors. The padded views (sparse_ids / sparse_weights [N, K], colbert [N, T, C] + colbert_mask [N, T], what
+    CorpusIndex and the scoring functions take) are built on first use.
     """
 
     lengths: np.ndarray
     truncated: np.ndarray
     dense: np.ndarray | None = None
-    sparse_ids: np.ndarray | None = None
-    sparse_weights: np.ndarray | None = None
-    colbert: np.ndarray | None = None
-    colbert_mask: np.ndarray | None = None
+    sparse: list[tuple[np.ndarray, np.ndarray]] | None = None
+    colbert_vecs: list[np.ndarray] | None = None
+    colbert_dim: int = 0
+    vocab_size: int = 0  # the model's; what sparse_csr's columns default to
+    _padded: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def __len__(self) -> int:
         return len(self.lengths)
 
+    # ---------------------------------------------------------------------------------------- padded views
+    @property
+    def sparse_ids(self) -> np.ndarray:
+        """[N, K] int32, -1 padded (K = the most distinct ids in one row)."""
+        return self._sparse_padded()[0]
+
+    @property
+    def sparse_weights(self) -> np.ndarray:
+        """[N, K] float32, 0 padded."""
+        return self._sparse_padded()[1]
+
+    @property
+    def colbert(self) -> np.ndarray:
+        """[N, T, C] float32, zero padded to the longest row (T = max(lengths) - 1)."""
+        return self._colbert_padded()[0]
+
+    @property
+    def colbert_mask(self) -> np.ndarray:
+        """[N, T] bool, True = a real token vector."""
+        return self._colbert_padded()[1]
+
+    def _sparse_padded(self):
+        if "sparse" not in self._padded:
+            rows = self._need("sparse")
+            k = max((len(i) for i, _ in rows), default=0)
+            ids, w = np.full((len(rows), k), -1, np.int32), np.zeros((len(rows), k), np.float32)
+            for r, (i, v) in enumerate(rows):
+                ids[r, :len(i)], w[r, :len(i)] = i, v
+            self._padded["sparse"] = (ids, w)
+        return self._padded["sparse"]
+
+    def _colbert_padded(self):
+        if "colbert" not in self._padded:
+            vecs = self._need("colbert_vecs")
+            t = int(self.lengths.max(initial=2)) - 1
+            out = np.zeros((len(vecs), t, self.colbert_dim), np.float32)
+            for r, v in enumerate(vecs):
+                out[r, :len(v)] = v
+            self._padded["colbert"] = (out, np.arange(t)[None, :] < (self.lengths[:, None] - 1))
+        return self._padded["colbert"]
+
+    # ----------------------------------------------------------------------------------------- converters
     def dense_as(self, dtype: str = "float32") -> np.ndarray:
         """Dense vectors as float32 or float16."""
         if dtype not in ("float32", "float16"):
@@ -178,93 +230,73 @@ class EncodeResult:
 
     def sparse_rows(self) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per row (indices int32, values float32): what Qdrant, Vespa and Milvus sparse vectors take."""
-        ids, w = self._need("sparse_ids"), self.sparse_weights
-        counts = (ids >= 0).sum(1)
-        return [(ids[i, :c].copy(), w[i, :c].copy()) for i, c in enumerate(counts)]
+        return [(i.copy(), w.copy()) for i, w in self._need("sparse")]
 
-    def sparse_csr(self, vocab_size: int = 250002):
+    def sparse_csr(self, vocab_size: int | None = None):
         """scipy.sparse.csr_matrix [N, vocab_size] of lexical weights (indices sorted per row)."""
         import scipy.sparse
 
-        ids, w = self._need("sparse_ids"), self.sparse_weights
-        keep = ids >= 0
-        indptr = np.concatenate([[0], np.cumsum(keep.sum(1))]).astype(np.int64)
-        m = scipy.sparse.csr_matrix((w[keep], ids[keep], indptr), shape=(len(ids), vocab_size))
+        rows = self._need("sparse")
+        indptr = np.concatenate([[0], np.cumsum([len(i) for i, _ in rows])]).astype(np.int64)
+        ids = np.concatenate([i for i, _ in rows]) if rows else np.zeros(0, np.int32)
+        w = np.concatenate([v for _, v in rows]) if rows else np.zeros(0, np.float32)
+        vocab_size = vocab_size or self.vocab_size
+        if not vocab_size:
+            raise ValueError("sparse_csr needs vocab_size (the model's config.vocab_size)")
+        m = scipy.sparse.csr_matrix((w, ids, indptr), shape=(len(rows), vocab_size))
         m.sort_indices()
         return m
 
     def colbert_flat(self) -> tuple[np.ndarray, np.ndarray]:
         """(vectors [sum of n_i, C], offsets [N + 1]): row i's vectors are vectors[offsets[i]:offsets[i+1]]."""
-        vecs, mask = self._need("colbert"), self.colbert_mask
-        offsets = np.concatenate([[0], np.cumsum(mask.sum(1))]).astype(np.int64)
-        return vecs[mask], offsets
+        vecs = self._need("colbert_vecs")
+        offsets = np.concatenate([[0], np.cumsum([len(v) for v in vecs])]).astype(np.int64)
+        flat = np.concatenate(vecs) if vecs else np.zeros((0, self.colbert_dim), np.float32)
+        return flat, offsets
 
     def lexical_dicts(self) -> list[dict]:
         """FlagEmbedding's lexical_weights: defaultdict(int) per text, str(token id) -> np.float32."""
         from collections import defaultdict
 
-        ids, w = self._need("sparse_ids"), self.sparse_weights
-        counts = (ids >= 0).sum(1)
-        keys = ids.astype(str)
-        return [defaultdict(int, zip(keys[i, :c].tolist(), w[i, :c], strict=True)) for i, c in enumerate(counts)]
+        return [defaultdict(int, zip(i.astype(str).tolist(), w, strict=True)) for i, w in self._need("sparse")]
 
     def colbert_list(self) -> list[np.ndarray]:
         """FlagEmbedding's colbert_vecs: one [n_tokens - 1, C] array per text."""
-        vecs, n = self._need("colbert"), self.colbert_mask.sum(1)
-        return [vecs[i, :c].copy() for i, c in enumerate(n)]
+        return list(self._need("colbert_vecs"))
 
     def _need(self, name):
         v = getattr(self, name)
         if v is None:
-            head = {"sparse_ids": "sparse", "colbert": "colbert_vecs"}.get(name, name)
+            head = {"sparse": "sparse", "colbert_vecs": "colbert_vecs"}.get(name, name)
             raise ValueError(f"{name} was not computed; encode with return_{head}=True")
         return v
 
 
-def run(batches: list[Batch], step: Callable[[Batch], dict], n: int, lengths: np.ndarray,
-        truncated: np.ndarray, heads: tuple[str, ...], dims: dict[str, int],
-        progress: Iterator | None = None) -> EncodeResult:
-    """Runs step over the batches with one batch in flight ahead (async dispatch), scattering rows back.
+def collect(results: Iterable[tuple[Batch, EncodeOutputs]], n: int, lengths: np.ndarray, truncated: np.ndarray,
+            heads: tuple[str, ...], dims: dict[str, int], vocab_size: int,
+            progress: Any | None = None) -> EncodeResult:
+    """Scatters per-batch outputs (already trimmed to each batch's real rows, on the host) into an EncodeResult.
 
     dims: {"dense": D, "colbert": C}, so that empty inputs still get arrays of the right shape.
     """
-    res = EncodeResult(lengths=lengths, truncated=truncated)
+    res = EncodeResult(lengths=lengths, truncated=truncated, colbert_dim=dims["colbert"], vocab_size=vocab_size)
     if "dense" in heads:
         res.dense = np.zeros((n, dims["dense"]), np.float32)
-    pending = None
-    sparse_parts = []
-    colbert_parts = []
-    for batch in [*batches, None]:
-        current = (batch, step(batch)) if batch is not None else None  # dispatched, not awaited
-        if pending is not None:
-            b, out = pending
-            out = jax.device_get(out)
-            k = len(b.indices)
-            if "dense" in heads:
-                res.dense[b.indices] = out["dense"][:k]
-            if "sparse" in heads:
-                sparse_parts.append((b.indices, out["sparse_ids"][:k], out["sparse_weights"][:k]))
-            if "colbert" in heads:
-                colbert_parts.append((b.indices, out["colbert"][:k]))
-            if progress is not None:
-                progress.update(k)
-        pending = current
-    if "sparse" in heads:
-        K = max([int((ids >= 0).sum(1).max(initial=0)) for _, ids, _ in sparse_parts], default=0)
-        res.sparse_ids = np.full((n, K), -1, np.int32)
-        res.sparse_weights = np.zeros((n, K), np.float32)
-        for idx, ids, w in sparse_parts:
-            k = min(K, ids.shape[1])
-            res.sparse_ids[idx, :k] = ids[:, :k]
-            res.sparse_weights[idx, :k] = w[:, :k]
-    if "colbert" in heads:
-        T = int(lengths.max(initial=2)) - 1
-        res.colbert = np.zeros((n, T, dims["colbert"]), np.float32)
-        for idx, v in colbert_parts:
-            t = min(T, v.shape[1])
-            res.colbert[idx, :t] = v[:, :t]
-        res.colbert_mask = np.arange(T)[None, :] < (lengths[:, None] - 1)
-        res.colbert *= res.colbert_mask[..., None]
+    sparse: list = [None] * n if "sparse" in heads else None
+    colbert: list = [None] * n if "colbert" in heads else None
+    for b, out in results:
+        if "dense" in heads:
+            res.dense[b.indices] = out.dense
+        if "sparse" in heads:
+            counts = (out.sparse_ids >= 0).sum(1)
+            for r, i in enumerate(b.indices):
+                sparse[i] = (out.sparse_ids[r, :counts[r]].copy(), out.sparse_weights[r, :counts[r]].copy())
+        if "colbert" in heads:
+            for r, i in enumerate(b.indices):
+                colbert[i] = out.colbert[r, :lengths[i] - 1].copy()
+        if progress is not None:
+            progress.update(len(b.indices))
+    res.sparse, res.colbert_vecs = sparse, colbert
     return res
 
 

@@ -31,7 +31,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from m3jax import scoring
-from m3jax.checkpoint import _atomic_dir
+from m3jax._io import atomic_dir
 from m3jax.scoring import VOCAB_SIZE
 
 MODES = ("dense", "sparse", "colbert", "hybrid")
@@ -294,7 +294,7 @@ class CorpusIndex:
             arrays["doc_ids"] = self.doc_ids
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "num_docs": self.num_docs, "dtypes": dtypes,
                 "chunk_size": self.chunk_size, "vocab_size": self.vocab_size, "has_doc_ids": self.doc_ids is not None}
-        with _atomic_dir(path, overwrite) as tmp:
+        with atomic_dir(path, overwrite) as tmp:
             for fname, write in (("arrays.npz", lambda f: np.savez(f, **arrays)),
                                  ("meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))):
                 with open(tmp / fname, "wb") as f:

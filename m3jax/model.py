@@ -8,7 +8,7 @@ Parameter names follow transformers' XLMRobertaModel (`embeddings.word_embedding
 from __future__ import annotations
 
 import functools
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,6 +18,29 @@ from m3jax.attention import attention
 from m3jax.config import M3Config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+class ModelOutputs(NamedTuple):
+    """What BGEM3Model computes for a padded batch [B, T] (float32 arrays).
+
+    last_hidden_state: [B, T, D].
+    dense: [B, D'] pooled vector (D' = truncate_dim or D), normalised if asked.
+    sparse: [B, T] relu(sparse_linear(h)) per token, padding included (callers mask).
+    colbert: [B, T-1, C'] colbert_linear(h[:, 1:]), padding rows zeroed, normalised if asked.
+    """
+
+    last_hidden_state: jax.Array
+    dense: jax.Array
+    sparse: jax.Array
+    colbert: jax.Array
+
+
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity without a key (inference) or at rate 0."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
 
 
 def resolve_dtype(dtype: Any) -> jnp.dtype:
@@ -54,8 +77,9 @@ class Embeddings(nnx.Module):
                                                embedding_init=init, rngs=rngs)
         self.LayerNorm = _layer_norm(d, cfg, rngs)
         self.pad_token_id = cfg.pad_token_id
+        self.dropout_rate = cfg.hidden_dropout_prob
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
         """[B, T] int -> [B, T, D] float32."""
         # XLM-R positions: real tokens count up from pad_id + 1; pad tokens sit on row pad_id. Keyed on the ids,
         # not the attention mask, exactly as create_position_ids_from_input_ids.
@@ -64,7 +88,7 @@ class Embeddings(nnx.Module):
         x = (self.word_embeddings(input_ids).astype(jnp.float32)
              + self.token_type_embeddings.embedding[0].astype(jnp.float32)
              + self.position_embeddings(positions).astype(jnp.float32))
-        return self.LayerNorm(x)
+        return dropout(self.LayerNorm(x), self.dropout_rate, dropout_rng)
 
 
 class SelfAttention(nnx.Module):
@@ -74,12 +98,15 @@ class SelfAttention(nnx.Module):
         self.key = _linear(d, d, dtype, rngs)
         self.value = _linear(d, d, dtype, rngs)
         self.num_heads = cfg.num_heads
+        self.dropout_rate = cfg.attention_probs_dropout_prob
 
-    def __call__(self, x: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None
+                 ) -> jax.Array:
         """x [B, T, D], mask [B, T] -> context [B, T, D]."""
         b, t, d = x.shape
         split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731  [B, T, N, H]
-        ctx = attention(split(self.query(x)), split(self.key(x)), split(self.value(x)), mask, impl=impl)
+        ctx = attention(split(self.query(x)), split(self.key(x)), split(self.value(x)), mask, impl=impl,
+                        dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
         return ctx.reshape(b, t, d)
 
 
@@ -89,9 +116,10 @@ class Output(nnx.Module):
     def __init__(self, din: int, cfg: M3Config, dtype, rngs: nnx.Rngs):
         self.dense = _linear(din, cfg.hidden_size, dtype, rngs)
         self.LayerNorm = _layer_norm(cfg.hidden_size, cfg, rngs)
+        self.dropout_rate = cfg.hidden_dropout_prob
 
-    def __call__(self, h: jax.Array, residual: jax.Array) -> jax.Array:
-        return self.LayerNorm(self.dense(h).astype(jnp.float32) + residual)
+    def __call__(self, h: jax.Array, residual: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        return self.LayerNorm(dropout(self.dense(h).astype(jnp.float32), self.dropout_rate, dropout_rng) + residual)
 
 
 class Attention(nnx.Module):
@@ -117,11 +145,13 @@ class Layer(nnx.Module):
         self.output = Output(cfg.intermediate_size, cfg, dtype, rngs)
         self.dtype = dtype
 
-    def __call__(self, x: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
-        """x [B, T, D] float32 residual stream -> [B, T, D] float32."""
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None
+                 ) -> jax.Array:
+        """x [B, T, D] float32 residual stream -> [B, T, D] float32. dropout_rng: None at inference."""
+        r = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         h = x.astype(self.dtype)
-        x = self.attention.output(self.attention.self(h, mask, impl), x)
-        return self.output(self.intermediate(x.astype(self.dtype)), x)
+        x = self.attention.output(self.attention.self(h, mask, impl, r[0]), x, r[1])
+        return self.output(self.intermediate(x.astype(self.dtype)), x, r[2])
 
 
 class Encoder(nnx.Module):
@@ -133,13 +163,17 @@ class Encoder(nnx.Module):
 
         self.layer = make(rngs)  # every parameter has a leading [L] axis
 
-    def __call__(self, x: jax.Array, mask: jax.Array, impl: str) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None
+                 ) -> jax.Array:
         graphdef, state = nnx.split(self.layer)
+        num_layers = jax.tree_util.tree_leaves(state)[0].shape[0]
+        keys = None if dropout_rng is None else jax.random.split(dropout_rng, num_layers)
 
-        def body(h, layer_state):
-            return nnx.merge(graphdef, layer_state)(h, mask, impl), None
+        def body(h, xs):
+            layer_state, key = xs
+            return nnx.merge(graphdef, layer_state)(h, mask, impl, key), None
 
-        x, _ = jax.lax.scan(body, x, state)
+        x, _ = jax.lax.scan(body, x, (state, keys))
         return x
 
 
@@ -157,7 +191,8 @@ class BGEM3Model(nnx.Module):
         self.sparse_linear = _linear(cfg.hidden_size, 1, dtype, rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto",
-                 pooling: str = "cls", normalize: bool = True, truncate_dim: int | None = None) -> dict:
+                 pooling: str = "cls", normalize: bool = True, truncate_dim: int | None = None,
+                 dropout_rng: jax.Array | None = None) -> ModelOutputs:
         """Runs the encoder and all three heads.
 
         Args:
@@ -167,16 +202,14 @@ class BGEM3Model(nnx.Module):
           pooling: "cls" (BGE-M3) or "mean" (masked mean), as FlagEmbedding's pooling_method.
           normalize: L2-normalise dense and ColBERT vectors (FlagEmbedding's normalize_embeddings).
           truncate_dim: keep only the first dims of dense and ColBERT vectors, before normalising.
-        Returns a dict of float32 arrays:
-          last_hidden_state [B, T, D];
-          dense [B, D]: pooled (CLS) vector;
-          sparse [B, T]: relu(sparse_linear(h)) per token, padding included (callers mask);
-          colbert [B, T-1, C]: colbert_linear(h[:, 1:]) with padding rows zeroed.
+          dropout_rng: a PRNG key turns on dropout at the config's rates (training); None (inference) is exact.
+        Returns ModelOutputs.
         """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         mask = attention_mask.astype(bool)
-        h = self.encoder(self.embeddings(input_ids), mask, attn_impl)
+        r = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+        h = self.encoder(self.embeddings(input_ids, r[0]), mask, attn_impl, r[1])
         hc = h.astype(self.dtype)
         if pooling == "cls":
             dense = h[:, 0]
@@ -188,7 +221,7 @@ class BGEM3Model(nnx.Module):
             dense, colbert = dense[..., :truncate_dim], colbert[..., :truncate_dim]
         if normalize:
             dense, colbert = l2_normalize(dense), l2_normalize(colbert)
-        return {"last_hidden_state": h, "dense": dense, "sparse": sparse, "colbert": colbert}
+        return ModelOutputs(h, dense, sparse, colbert)
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -216,10 +249,8 @@ def model_from_params(cfg: M3Config, params: Any, *, dtype: Any = "float32") -> 
     return nnx.merge(graphdef, abstract)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "outputs"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"))
 def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-            *, attn_impl: str = "auto", outputs: tuple[str, ...] = ("last_hidden_state", "dense", "sparse",
-                                                                   "colbert")) -> dict:
-    """Pure jitted forward over `nnx.split(model)`; returns the requested subset of BGEM3Model's outputs."""
-    out = nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl)
-    return {k: out[k] for k in outputs}
+            *, attn_impl: str = "auto", dropout_rng: jax.Array | None = None) -> ModelOutputs:
+    """Pure jitted forward over `nnx.split(model)` (outputs nobody reads are pruned by XLA)."""
+    return nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl, dropout_rng=dropout_rng)

@@ -33,7 +33,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-VOCAB_SIZE = 250002  # XLM-R / BGE-M3
+from m3jax.config import M3Config
+
+VOCAB_SIZE = M3Config.bge_m3().vocab_size
 VECTOR_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 ID_DTYPES = (jnp.dtype(jnp.int32), jnp.dtype(jnp.int64))
 
@@ -337,6 +339,43 @@ def colbert_all_pairs(q: jax.Array, q_mask: jax.Array, p: jax.Array, p_mask: jax
     block = check_positive("query_block", query_block)
     empty = _empty(q.shape[0], p.shape[0])
     return empty if empty is not None else _colbert_all_pairs(q, q_mask, p, p_mask, bool(zero_floor), chunk, block)
+
+
+def flag_colbert_scores(q_vecs: Sequence[np.ndarray], p_vecs: Sequence[np.ndarray], batch_size: int
+                        ) -> np.ndarray:
+    """ColBERT scores of pairs (q_vecs[i], p_vecs[i]) exactly as FlagEmbedding's compute_score gives them.
+
+    compute_score takes the pairs in consecutive batches of batch_size and pads each batch's passages to its
+    longest; the padded zero vectors join the max, so for every passage shorter than the longest of its batch each
+    query token's max is floored at 0 (zero_floor=True), and the longest passage has no floor. This reproduces that
+    batch dependence on unpadded [n_i, C] arrays. Returns [N] float32.
+    """
+    check_dim("pair count N", "q_vecs", len(q_vecs), "p_vecs", len(p_vecs))
+    n = len(q_vecs)
+    batch_size = check_positive("batch_size", batch_size)
+    out = np.zeros(n, np.float32)
+    for start in range(0, n, batch_size):
+        qs, ps = q_vecs[start:start + batch_size], p_vecs[start:start + batch_size]
+        q, q_mask = _pad_rows(qs)
+        p, p_mask = _pad_rows(ps)
+        plain = np.asarray(colbert_paired(q, q_mask, p, p_mask))
+        floored = np.asarray(colbert_paired(q, q_mask, p, p_mask, zero_floor=True))
+        n_p = np.array([len(x) for x in ps])
+        out[start:start + len(qs)] = np.where(n_p < n_p.max(), floored, plain)
+    return out
+
+
+def _pad_rows(vecs: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Unpadded [n_i, C] arrays as [B, T, C] + [B, T] mask, T rounded up to a power of two so that the compiled
+    shapes stay few (padding is masked, so T does not change a score)."""
+    t = max(1, max(len(v) for v in vecs))
+    t = 1 << (t - 1).bit_length()
+    dim = vecs[0].shape[-1]
+    out = np.zeros((len(vecs), t, dim), np.float32)
+    mask = np.zeros((len(vecs), t), bool)
+    for i, v in enumerate(vecs):
+        out[i, :len(v)], mask[i, :len(v)] = v, True
+    return out, mask
 
 
 def check_mode_weights(weights: Sequence[float]) -> tuple[float, float, float]:

@@ -130,7 +130,7 @@ def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config
                 continue
             arr = arr.T if slot.transpose else arr
             if slot.layer is None:
-                flat[slot.path] = arr.astype(dtype)
+                flat[slot.path] = arr.astype(dtype, copy=False)
             else:
                 flat[slot.path][slot.layer] = arr
     where = ", ".join(files) or "no files"

@@ -40,7 +40,7 @@ def spread_colbert(src, dst):
     import torch
     from transformers import AutoTokenizer, XLMRobertaModel
 
-    from tests.texts import SENTENCES
+    from tests.helpers import SENTENCES
 
     shutil.copytree(src, dst)
     tok = AutoTokenizer.from_pretrained(dst)

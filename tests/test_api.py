@@ -8,7 +8,7 @@ import pytest
 
 from m3jax import encode as pipeline
 from m3jax.api import BGEM3, BGEM3FlagModel
-from tests.texts import SENTENCES, long_text, mixed
+from tests.helpers import SENTENCES, long_text, mixed
 
 TOL = 1e-5
 EDGE = ["", "   ", "\n", "😀", "🤖🚀✨ emoji only?", "a" * 3000]

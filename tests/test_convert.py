@@ -22,8 +22,8 @@ from m3jax.checkpoint import (
 )
 from m3jax.config import ConfigError
 from m3jax.weights import ConversionError
-from tests.test_model_parity import TOL, flag_outputs, m3jax_outputs, max_diffs
-from tests.texts import SENTENCES, long_text
+from tests.helpers import SENTENCES, long_text
+from tests.parity import check_parity, flag_outputs, flag_outputs_float64, m3jax_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -52,12 +52,13 @@ def test_round_trip_through_flagembedding(release_dirs, flag_model_factory, tmp_
 
     texts = SENTENCES + [long_text(600, seed=9)]
     cfg, _, _ = load_params(m3)
-    batch, ref = flag_outputs(flag_model_factory(src, colbert_dim=cfg.colbert_dim), texts)
+    fe = flag_model_factory(src, colbert_dim=cfg.colbert_dim)
+    batch, ref = flag_outputs(fe, texts)
     _, again = flag_outputs(flag_model_factory(exported, colbert_dim=cfg.colbert_dim), texts)
     for k in ref:  # the exported weights are the original weights, bit for bit
         np.testing.assert_array_equal(again[k], ref[k], err_msg=k)
     _, ours = m3jax_outputs(m3, batch)
-    assert max(max_diffs(ours, ref, batch["attention_mask"].numpy()).values()) <= TOL
+    check_parity(ours, ref, flag_outputs_float64(fe, batch), batch["attention_mask"].numpy())
 
 
 def test_library_conversion_matches_direct_release_load(release_dirs, tmp_path):

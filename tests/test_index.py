@@ -11,77 +11,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import scoring
 from m3jax.index import CorpusIndex
-from tests.test_scoring import SMALL_VOCAB, make_colbert, make_dense, make_sparse
+from tests.helpers import CASES, SMALL_VOCAB, make_dense, random_data, run_cases, tie_data
 
 ROOT = Path(__file__).resolve().parents[1]
 MODES = ("dense", "sparse", "colbert")
-
-
-def random_data(seed=0, n=61, q=7):
-    rng = np.random.default_rng(seed)
-    p_ids, p_w = make_sparse(rng, n, 3, 30)
-    q_ids, q_w = make_sparse(rng, q, 2, 10)
-    p_col, p_mask = make_colbert(rng, n, 1, 20)
-    q_col, q_mask = make_colbert(rng, q, 1, 6)
-    corpus = dict(dense=make_dense(rng, n), sparse_ids=p_ids, sparse_weights=p_w, colbert=p_col, colbert_mask=p_mask)
-    queries = dict(dense=make_dense(rng, q), sparse_ids=q_ids, sparse_weights=q_w, colbert=q_col, colbert_mask=q_mask)
-    return corpus, queries
-
-
-def tie_data(n=40):
-    """Exact ties everywhere: doc i is one of 4 one-hot patterns (i % 4), so every score is exact in float32."""
-    eye = np.eye(8, dtype=np.float32)
-    group = np.arange(n) % 4
-    colbert = np.zeros((n, 3, 8), np.float32)
-    colbert[:, 0] = eye[group]
-    mask = np.zeros((n, 3), bool)
-    mask[:, 0] = True
-    corpus = dict(dense=eye[group], sparse_ids=np.stack([group + 10, np.full(n, -1)], 1).astype(np.int32),
-                  sparse_weights=np.stack([np.full(n, 0.5), np.zeros(n)], 1).astype(np.float32),
-                  colbert=colbert, colbert_mask=mask)
-    # Query 0 prefers group 1 then group 0; query 1 scores every document equally (all ties).
-    qd = np.stack([0.25 * eye[0] + 0.5 * eye[1], 0.5 * (eye[0] + eye[1] + eye[2] + eye[3])]).astype(np.float32)
-    queries = dict(dense=qd, sparse_ids=np.array([[11, 10], [10, -1]], np.int32),
-                   sparse_weights=np.array([[1.0, 0.5], [0.25, 0.0]], np.float32),
-                   colbert=qd[:, None].repeat(2, 1), colbert_mask=np.array([[True, False], [True, True]]))
-    return corpus, queries
-
-
-CASES = [  # (name, search kwargs); every case runs on the random and on the tie data
-    ("dense", dict(mode="dense", k=5)),
-    ("sparse", dict(mode="sparse", k=5)),
-    ("colbert", dict(mode="colbert", k=5)),
-    ("colbert0", dict(mode="colbert", k=5, zero_floor=True)),
-    ("hybrid", dict(mode="hybrid", k=4, candidates=12)),
-    ("hybrid_ds", dict(mode="hybrid", k=4, candidates=12, first_stage="dense+sparse", weights=(0.5, 1.0, 2.0))),
-    ("all", dict(mode="dense", k=None)),  # k = num_docs: every real document exactly once, no padding row
-]
-
-
-def run_cases(devices=None, chunk_size=8):
-    out = {}
-    for data_name, (corpus, queries) in (("random", random_data()), ("ties", tie_data())):
-        index = CorpusIndex(**corpus, devices=devices, chunk_size=chunk_size)
-        for name, kw in CASES:
-            kw = dict(kw, k=kw["k"] or index.num_docs)
-            scores, ids = index.search(queries, batch_size=3, **kw)
-            out[f"{data_name}/{name}/scores"], out[f"{data_name}/{name}/ids"] = scores, ids
-    return out
-
-
-def _multi_device_main(path):
-    """Run in a subprocess with 8 forced host devices: the cases on 4 and on 8 devices, written to path (npz)."""
-    devices = jax.local_devices()
-    assert len(devices) == 8, devices
-    out = {}
-    for ndev in (4, 8):
-        index = CorpusIndex(**random_data()[0], devices=devices[:ndev], chunk_size=8)
-        assert len(index.corpus["dense"].sharding.device_set) == ndev
-        assert index.corpus["dense"].shape[0] % ndev == 0
-        out.update({f"{ndev}/{key}": value for key, value in run_cases(devices[:ndev]).items()})
-    np.savez(path, **out)
 
 
 # ------------------------------------------------------------------------------------------------ reference
@@ -93,13 +27,25 @@ def brute_force(scores, k):
 
 
 def all_pairs(corpus, queries, mode, zero_floor=False):
+    """[Q, P] scores in plain numpy float64, sharing no code with m3jax.scoring."""
     if mode == "dense":
-        return np.asarray(scoring.dense_all_pairs(queries["dense"], corpus["dense"]))
+        return queries["dense"].astype(np.float64) @ corpus["dense"].astype(np.float64).T
     if mode == "sparse":
-        return np.asarray(scoring.lexical_all_pairs(queries["sparse_ids"], queries["sparse_weights"],
-                                                    corpus["sparse_ids"], corpus["sparse_weights"]))
-    return np.asarray(scoring.colbert_all_pairs(queries["colbert"], queries["colbert_mask"], corpus["colbert"],
-                                                corpus["colbert_mask"], zero_floor=zero_floor))
+        def vocab_vectors(ids, weights):
+            out = np.zeros((len(ids), SMALL_VOCAB))
+            for r, (i, w) in enumerate(zip(ids, weights, strict=True)):
+                out[r, i[i >= 0]] = w[i >= 0]
+            return out
+
+        return (vocab_vectors(queries["sparse_ids"], queries["sparse_weights"])
+                @ vocab_vectors(corpus["sparse_ids"], corpus["sparse_weights"]).T)
+    q, p = queries["colbert"].astype(np.float64), corpus["colbert"].astype(np.float64)
+    tok = np.einsum("aic,bjc->aibj", q, p)
+    tok = np.where(corpus["colbert_mask"][None, None], tok, -np.inf).max(-1)  # [Q, Tq, P]
+    if zero_floor:
+        tok = np.maximum(tok, 0.0)
+    qm = queries["colbert_mask"][..., None]
+    return np.where(qm, tok, 0.0).sum(1) / np.maximum(qm.sum(1), 1)
 
 
 def reference(corpus, queries, mode, k, candidates=100, first_stage="dense", weights=(1.0, 0.3, 1.0),
@@ -109,7 +55,7 @@ def reference(corpus, queries, mode, k, candidates=100, first_stage="dense", wei
     d, s, c = (all_pairs(corpus, queries, m, zero_floor) for m in MODES)
     first = d if first_stage == "dense" else weights[0] * d + weights[1] * s
     _, cand = brute_force(first, candidates)
-    total = np.take_along_axis(np.asarray(scoring.weighted_sum(d, s, c, weights)), cand, 1)
+    total = np.take_along_axis(weights[0] * d + weights[1] * s + weights[2] * c, cand, 1)
     order = np.lexsort((cand, -total), axis=1)[:, :k]  # candidates come in score order: rank by (score, index)
     return np.take_along_axis(total, order, 1), np.take_along_axis(cand, order, 1)
 
@@ -145,7 +91,7 @@ def test_several_devices_match_one_device(one_device, tmp_path):
     """4 and 8 forced host devices (a subprocess: the flag must be set before jax starts) against 1 device."""
     out = tmp_path / "multi.npz"
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-    code = f"from tests.test_index import _multi_device_main; _multi_device_main({str(out)!r})"
+    code = f"from tests.helpers import multi_device_cases; multi_device_cases({str(out)!r})"
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from m3jax.api import BGEM3
-from tests.texts import SENTENCES, mixed
+from tests.helpers import SENTENCES, mixed
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXTS = SENTENCES + mixed(9, seed=8)

@@ -1,7 +1,4 @@
-"""m3jax.scoring against FlagEmbedding's own scoring code on synthetic padded vectors (no model needed).
-
-torch is imported inside the tests that use it: test_index imports the data helpers here into a subprocess.
-"""
+"""m3jax.scoring against FlagEmbedding's own scoring code on synthetic padded vectors (no model needed)."""
 
 import types
 
@@ -10,66 +7,14 @@ import numpy as np
 import pytest
 
 from m3jax import scoring
-
-SPECIAL = (0, 1, 2, 3)  # <s>, <pad>, </s>, <unk>: what FlagEmbedding drops from lexical weights
-SMALL_VOCAB = 60  # small, so that random queries and passages share ids
-
-
-# ------------------------------------------------------------------------------------------------ synthetic data
-def make_dense(rng, n, d=16):
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    return x / np.linalg.norm(x, axis=-1, keepdims=True)
-
-
-def make_tokens(rng, n, lo, hi, vocab=SMALL_VOCAB):
-    """Raw token sequences (with repeats and special ids) and ReLU'd per-token weights, as the sparse head sees."""
-    out = []
-    for _ in range(n):
-        t = int(rng.integers(lo, hi + 1))
-        ids = rng.integers(4, vocab, t)
-        ids[rng.random(t) < 0.15] = rng.choice(SPECIAL)
-        ids[rng.random(t) < 0.2] = ids[0]  # repeated tokens: only their max weight counts
-        w = np.maximum(rng.standard_normal(t).astype(np.float32), 0.0)
-        out.append((np.concatenate([[0], ids, [2]]), np.concatenate([[0.7], w, [0.5]]).astype(np.float32)))
-    return out
-
-
-def pad_lexical(tokens, k=None):
-    """The encode pipeline's padded (ids [N, K] -1-padded, weights [N, K]): max per id, specials and zeros dropped."""
-    rows = []
-    for ids, w in tokens:
-        best = {}
-        for i, wi in zip(ids.tolist(), w.tolist(), strict=True):
-            if i not in SPECIAL and wi > 0:
-                best[i] = max(best.get(i, 0.0), wi)
-        rows.append(best)
-    k = k or max(1, max(len(r) for r in rows))
-    ids = np.full((len(rows), k), -1, np.int32)
-    weights = np.zeros((len(rows), k), np.float32)
-    for r, best in enumerate(rows):
-        ids[r, : len(best)] = list(best)
-        weights[r, : len(best)] = list(best.values())
-    return ids, weights
-
-
-def make_sparse(rng, n, lo, hi, k=None, vocab=SMALL_VOCAB):
-    return pad_lexical(make_tokens(rng, n, lo, hi, vocab), k)
-
-
-def make_colbert(rng, n, lo, hi, t=None, c=12):
-    """Normalised token vectors [N, T, C] with zero rows past each length, and the mask [N, T]."""
-    t = t or hi
-    lengths = rng.integers(lo, hi + 1, n)
-    x = rng.standard_normal((n, t, c)).astype(np.float32)
-    x /= np.linalg.norm(x, axis=-1, keepdims=True)
-    mask = np.arange(t)[None] < lengths[:, None]
-    return x * mask[..., None], mask
-
-
-def lexical_dicts(ids, weights):
-    """FlagEmbedding's lexical_weights: {str(token id): np.float32 weight}."""
-    return [{str(i): np.float32(w) for i, w in zip(r_ids, r_w, strict=True) if i >= 0}
-            for r_ids, r_w in zip(ids, weights, strict=True)]
+from tests.helpers import (
+    SMALL_VOCAB,
+    lexical_dicts,
+    make_colbert,
+    make_dense,
+    make_tokens,
+    pad_lexical,
+)
 
 
 @pytest.fixture(scope="module")

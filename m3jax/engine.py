@@ -1,0 +1,242 @@
+"""`Encoder`: the encoding engine every job stands on. A model on a set of devices, its compiled bucket
+executables, batch planning, and encode as a generator over batches (streaming) or into one EncodeResult.
+
+    enc = Encoder.from_pretrained("BAAI/bge-m3")          # or a release / m3jax directory
+    ids, truncated = enc.tokenizer.encode(texts, 512)
+    for batch, out in enc.run(enc.batches(ids, batch_size=256)):
+        ...                                                # out: EncodeOutputs on the host, batch.indices rows
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from m3jax import encode as pipeline
+from m3jax._io import cache_root
+from m3jax.checkpoint import load_pretrained
+from m3jax.config import M3Config
+from m3jax.model import BGEM3Model, model_from_params, resolve_dtype
+from m3jax.tokenizer import Tokenizer
+
+logger = logging.getLogger("m3jax")
+
+
+def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
+    """Turns on JAX's persistent compilation cache (default `$M3JAX_HOME/jax_cache`), unless the user already
+    configured one or passed False. Returns the directory in use."""
+    current = jax.config.jax_compilation_cache_dir
+    if cache is False:
+        return current
+    if current and cache is True:
+        return current
+    path = str(cache_root() / "jax_cache") if cache is True else str(cache)
+    Path(path).mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    # A bucket compiles in about a second on CPU, under JAX's default 1 s threshold: cache every one.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
+def resolve_devices(devices: Any) -> list:
+    """None: every local device; else a jax.Device, an index, a platform name ("cpu", "gpu", "cuda:1", "tpu"), or a
+    list of those."""
+    if devices is None:
+        return jax.local_devices()
+    items = devices if isinstance(devices, (list, tuple)) else [devices]
+    out = []
+    for d in items:
+        if isinstance(d, jax.Device):
+            out.append(d)
+        elif isinstance(d, int):
+            out.append(jax.local_devices()[d])
+        elif isinstance(d, str):
+            name, _, num = d.partition(":")
+            name = {"cuda": "gpu"}.get(name, name)
+            try:
+                devs = jax.local_devices(backend=name)
+            except RuntimeError as e:
+                raise ValueError(f"device {d!r}: no {name} backend available ({e})") from None
+            out.extend([devs[int(num)]] if num else devs)
+        else:
+            raise TypeError(f"devices: cannot interpret {d!r} ({type(d).__name__})")
+    return out
+
+
+class Encoder:
+    """A BGE-M3 model placed on devices (data-parallel over several), with one compiled executable per bucket
+    shape [rows, length] and the batch planner of m3jax.encode.
+
+    Args:
+      config, params, tokenizer_dir: what m3jax.checkpoint.load_params returns.
+      dtype: "float32" or "bfloat16" compute (parameters cast at load).
+      devices: see resolve_devices; rows of a batch are split over them.
+      attn_impl: see m3jax.attention.
+      length_buckets: padded lengths (default m3jax.encode.LENGTH_BUCKETS); the largest must hold the model's
+        longest input.
+      max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)).
+      pooling, normalize, truncate_dim: FlagEmbedding's pooling_method, normalize_embeddings, truncate_dim.
+    """
+
+    def __init__(self, config: M3Config, params: Any, tokenizer_dir: str | os.PathLike, *,
+                 dtype: Any = "float32", devices: Any = None, attn_impl: str = "auto",
+                 length_buckets: Sequence[int] | None = None,
+                 max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS, pooling: str = "cls",
+                 normalize: bool = True, truncate_dim: int | None = None):
+        if pooling not in ("cls", "mean"):
+            raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        buckets = tuple(sorted(int(b) for b in (length_buckets or pipeline.LENGTH_BUCKETS)))
+        longest = min(config.max_length, pipeline.LENGTH_BUCKETS[-1])
+        if buckets[0] < 2 or buckets[-1] < longest:
+            raise ValueError(f"length_buckets must be lengths >= 2 whose largest holds the longest input "
+                             f"({longest} tokens), got {length_buckets!r}")
+        self.config = config
+        self.devices = resolve_devices(devices)
+        self.dtype = resolve_dtype(dtype)
+        self.tokenizer_dir = Path(tokenizer_dir)
+        self.tokenizer = Tokenizer(tokenizer_dir)
+        self.attn_impl = attn_impl
+        self.length_buckets = buckets
+        self.max_tokens_per_batch = max_tokens_per_batch
+        self.pooling, self.normalize, self.truncate_dim = pooling, normalize, truncate_dim
+        self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
+        if len(self.devices) > 1:
+            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
+            self.row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+            self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+        else:
+            self.row_sharding = None
+            self.state = jax.device_put(state, self.devices[0])
+        self._compiled: dict = {}
+        self.compile_seconds: dict[tuple, float] = {}  # (length, rows, heads) -> seconds to compile or fetch
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str | os.PathLike, *, cache_dir: str | None = None,
+                        dtype: Any = "float32", **kwargs) -> Encoder:
+        """An m3jax directory, a release-layout directory, or a hub id (converted once, then cached)."""
+        cfg, params, tok_dir = load_pretrained(name_or_path, cache_dir=cache_dir, dtype=resolve_dtype(dtype))
+        return cls(cfg, params, tok_dir, dtype=dtype, **kwargs)
+
+    # ---------------------------------------------------------------------------------------------- model
+    @property
+    def model(self) -> BGEM3Model:
+        """The NNX module (a view over the current state)."""
+        return nnx.merge(self.graphdef, self.state)
+
+    @property
+    def params(self) -> dict:
+        """float32 numpy parameter tree (what checkpoints store)."""
+        pure = nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
+        return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), pure)
+
+    def fingerprint(self) -> str:
+        """sha256 of the config and every parameter's bytes (float32): identifies the weights in job manifests."""
+        h = hashlib.sha256(repr(self.config).encode())
+        flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
+        for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+            h.update(jax.tree_util.keystr(path).encode())
+            h.update(np.ascontiguousarray(np.asarray(leaf, dtype=np.float32)).tobytes())
+        return h.hexdigest()
+
+    def output_dims(self) -> dict[str, int]:
+        """Widths of the dense and ColBERT vectors after truncate_dim."""
+        cfg, cut = self.config, self.truncate_dim or max(self.config.hidden_size, self.config.colbert_dim)
+        return {"dense": min(cfg.hidden_size, cut), "colbert": min(cfg.colbert_dim, cut)}
+
+    # --------------------------------------------------------------------------------------------- planning
+    def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+        """(ids per text, lengths [N], truncated [N]); logs a warning naming the first truncated text."""
+        limit = self.config.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
+            raise ValueError(f"max_length must be an int in 1 ... {limit}, got {max_length!r}")
+        ids, truncated = self.tokenizer.encode(list(texts), max_length)
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        if truncated.any():
+            logger.warning("%d of %d text(s) truncated to max_length=%d tokens (first: index %d); "
+                           "EncodeResult.truncated lists them", int(truncated.sum()), len(texts), max_length,
+                           int(np.argmax(truncated)))
+        return ids, lengths, truncated
+
+    def plan(self, lengths: np.ndarray, *, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
+        """(bucket length, rows, indices) per batch, longest first (see m3jax.encode.plan_batches); rows are a
+        multiple of the device count."""
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+        ndev = len(self.devices)
+        return pipeline.plan_batches(np.asarray(lengths), batch_size=max(batch_size, ndev),
+                                     max_tokens=self.max_tokens_per_batch, row_multiple=ndev,
+                                     buckets=self.length_buckets)
+
+    def batches(self, ids: Sequence[np.ndarray], *, batch_size: int) -> Iterator[pipeline.Batch]:
+        """The padded batches for token ids, built lazily in plan order."""
+        cfg = self.config
+        lengths = np.array([len(x) for x in ids], dtype=np.int64)
+        for L, rows, idx in self.plan(lengths, batch_size=batch_size):
+            yield pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
+
+    # ------------------------------------------------------------------------------------------------ run
+    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
+        """The compiled encode step for one bucket shape [rows, length], compiled ahead of time on first use (or
+        fetched from the persistent compilation cache); `compile_seconds` records how long each took."""
+        heads = tuple(h for h in pipeline.HEADS if h in heads)
+        static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling, normalize=self.normalize,
+                      truncate_dim=self.truncate_dim, special_ids=self.config.special_ids)
+        key = (length, rows, heads)
+        exe = self._compiled.get(key)
+        if exe is None:
+            spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
+            t0 = time.perf_counter()
+            exe = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static).compile()
+            self.compile_seconds[key] = time.perf_counter() - t0
+            self._compiled[key] = exe
+        return exe
+
+    def dispatch(self, batch: pipeline.Batch, heads: Sequence[str] = pipeline.HEADS) -> pipeline.EncodeOutputs:
+        """Starts one batch on the devices and returns without waiting (device arrays, all rows)."""
+        ids, mask = batch.input_ids, batch.attention_mask
+        if self.row_sharding is not None:
+            ids, mask = jax.device_put((ids, mask), self.row_sharding)
+        return self.executable(ids.shape[1], ids.shape[0], heads)(self.state, ids, mask)
+
+    def run(self, batches: Iterable[pipeline.Batch], heads: Sequence[str] = pipeline.HEADS
+            ) -> Iterator[tuple[pipeline.Batch, pipeline.EncodeOutputs]]:
+        """Yields (batch, outputs on the host trimmed to the batch's real rows), keeping one batch in flight
+        ahead so the host's work on a result overlaps the next batch's compute."""
+        heads = _check_heads(heads)
+        pending = None
+        for batch in batches:
+            current = (batch, self.dispatch(batch, heads))
+            if pending is not None:
+                yield _fetch(*pending)
+            pending = current
+        if pending is not None:
+            yield _fetch(*pending)
+
+    def encode(self, texts: Sequence[str], *, batch_size: int = 256, max_length: int = 512,
+               heads: Sequence[str] = pipeline.HEADS, progress: Any = None) -> pipeline.EncodeResult:
+        """Encodes texts into one EncodeResult in input order. progress: anything with update(n), or None."""
+        heads = _check_heads(heads)
+        ids, lengths, truncated = self.tokenize(texts, max_length)
+        return pipeline.collect(self.run(self.batches(ids, batch_size=batch_size), heads), len(ids), lengths,
+                                truncated, heads, self.output_dims(), self.config.vocab_size, progress)
+
+
+def _check_heads(heads: Sequence[str]) -> tuple[str, ...]:
+    if not heads or set(heads) - set(pipeline.HEADS):
+        raise ValueError(f"heads must be a non-empty subset of {pipeline.HEADS}, got {heads!r}")
+    return tuple(h for h in pipeline.HEADS if h in heads)
+
+
+def _fetch(batch: pipeline.Batch, out: pipeline.EncodeOutputs) -> tuple[pipeline.Batch, pipeline.EncodeOutputs]:
+    k = len(batch.indices)
+    host = jax.device_get(out)
+    return batch, pipeline.EncodeOutputs(*(None if x is None else x[:k] for x in host))

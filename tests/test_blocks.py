@@ -1,0 +1,135 @@
+"""Block by block against transformers' XLM-R modules on the same random weights, so a failure names the block:
+embeddings, self-attention, one layer, the layer stack, and each head.
+
+Every block is run three ways on the same float64 inputs cast to float32: m3jax (float32), the torch module
+(float32) and the torch module in float64. m3jax's error against float64 must stay within REL_MARGIN of torch's own
+float32 error plus a few ulps of the block's scale (tests/parity.py explains the bound).
+"""
+
+import copy
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+
+from m3jax.checkpoint import load_params
+from m3jax.model import l2_normalize, model_from_params
+from tests.helpers import SENTENCES, long_text
+from tests.parity import REL_MARGIN, ULP_FLOOR
+
+
+@pytest.fixture(scope="module")
+def blocks(release_dirs):
+    from transformers import AutoTokenizer, XLMRobertaModel
+
+    path = release_dirs["tiny_narrow_colbert"]  # every width differs: a transposed or misrouted weight shows
+    cfg, params, _ = load_params(path)
+    ours = model_from_params(cfg, params)
+    hf32 = XLMRobertaModel.from_pretrained(path, attn_implementation="eager").eval()
+    hf64 = copy.deepcopy(hf32).double()
+    heads = {name: torch.load(path / f"{name}.pt", weights_only=True) for name in ("colbert_linear", "sparse_linear")}
+    tok = AutoTokenizer.from_pretrained(path)
+    batch = tok([*SENTENCES[:6], long_text(120, seed=2), ""], padding=True, return_tensors="pt")
+    return cfg, ours, hf32, hf64, heads, batch
+
+
+def _check(name, ours, ref32, ref64, where=None):
+    ours, ref32, ref64 = (np.asarray(x, np.float64) for x in (ours, ref32, ref64))
+    if where is not None:
+        ours, ref32, ref64 = ours[where], ref32[where], ref64[where]
+    err, torch_err = np.abs(ours - ref64).max(), np.abs(ref32 - ref64).max()
+    bound = REL_MARGIN * torch_err + ULP_FLOOR * np.finfo(np.float32).eps * np.abs(ref64).max()
+    assert err <= bound, f"{name}: m3jax error {err:.3g} > bound {bound:.3g} (torch float32 error {torch_err:.3g})"
+    assert np.abs(ref64).max() > 0.1, f"{name}: the reference is near zero, the comparison would be empty"
+
+
+def _layer(ours, i):
+    """Layer i of the stacked encoder as a module of its own."""
+    graphdef, state = nnx.split(ours.encoder.layer)
+    return nnx.merge(graphdef, jax.tree_util.tree_map(lambda x: x[i], state))
+
+
+def _hidden(cfg, batch, seed=0):
+    """Random float64 hidden states [B, T, D], the same for every side."""
+    b, t = batch["input_ids"].shape
+    return np.random.default_rng(seed).standard_normal((b, t, cfg.hidden_size))
+
+
+def _torch(x, dtype):
+    return torch.tensor(np.asarray(x), dtype=dtype)
+
+
+def _extended_mask(hf, mask, dtype):
+    return hf.get_extended_attention_mask(mask, mask.shape, dtype=dtype)
+
+
+def test_embeddings(blocks):
+    cfg, ours, hf32, hf64, _, batch = blocks
+    ids = batch["input_ids"]
+    with torch.no_grad():
+        r32, r64 = hf32.embeddings(input_ids=ids).numpy(), hf64.embeddings(input_ids=ids).numpy()
+    _check("embeddings", ours.embeddings(jnp.asarray(ids.numpy())), r32, r64)
+
+
+def test_self_attention(blocks):
+    cfg, ours, hf32, hf64, _, batch = blocks
+    x, mask = _hidden(cfg, batch), batch["attention_mask"]
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        r = {dt: hf.encoder.layer[0].attention.self(_torch(x, dt), _extended_mask(hf, mask, dt))[0].numpy()
+             for hf, dt in ((hf32, torch.float32), (hf64, torch.float64))}
+    got = _layer(ours, 0).attention.self(jnp.asarray(x, jnp.float32), jnp.asarray(real), "xla")
+    _check("self-attention", got, r[torch.float32], r[torch.float64], real)
+
+
+@pytest.mark.parametrize("layer", [0, 2])
+def test_one_layer(blocks, layer):
+    cfg, ours, hf32, hf64, _, batch = blocks
+    x, mask = _hidden(cfg, batch, seed=layer), batch["attention_mask"]
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        r = {dt: hf.encoder.layer[layer](_torch(x, dt), _extended_mask(hf, mask, dt))[0].numpy()
+             for hf, dt in ((hf32, torch.float32), (hf64, torch.float64))}
+    got = _layer(ours, layer)(jnp.asarray(x, jnp.float32), jnp.asarray(real), "xla")
+    _check(f"layer {layer}", got, r[torch.float32], r[torch.float64], real)
+
+
+@pytest.mark.parametrize("impl", ["xla", "chunked"])
+def test_layer_stack(blocks, impl):
+    cfg, ours, hf32, hf64, _, batch = blocks
+    x, mask = _hidden(cfg, batch, seed=9), batch["attention_mask"]
+    real = mask.numpy().astype(bool)
+    with torch.no_grad():
+        r = {dt: hf.encoder(_torch(x, dt), _extended_mask(hf, mask, dt)).last_hidden_state.numpy()
+             for hf, dt in ((hf32, torch.float32), (hf64, torch.float64))}
+    got = ours.encoder(jnp.asarray(x, jnp.float32), jnp.asarray(real), impl)
+    _check(f"layer stack ({impl})", got, r[torch.float32], r[torch.float64], real)
+
+
+def test_heads(blocks):
+    """Each head on the same hidden states: FlagEmbedding's maths with the release's float16 head weights."""
+    cfg, ours, _, _, heads, batch = blocks
+    h = _hidden(cfg, batch, seed=4)
+    mask = batch["attention_mask"].numpy()
+    real = mask.astype(bool)
+
+    def torch_heads(dt):
+        ht = _torch(h, dt)
+        lin = {k: (v["weight"].to(dt), v["bias"].to(dt)) for k, v in heads.items()}
+        dense = torch.nn.functional.normalize(ht[:, 0], dim=-1)
+        sparse = torch.relu(ht @ lin["sparse_linear"][0].T + lin["sparse_linear"][1])[..., 0]
+        colbert = (ht[:, 1:] @ lin["colbert_linear"][0].T + lin["colbert_linear"][1]) * _torch(mask[:, 1:, None], dt)
+        return dense.numpy(), sparse.numpy(), torch.nn.functional.normalize(colbert, dim=-1).numpy()
+
+    r32, r64 = torch_heads(torch.float32), torch_heads(torch.float64)
+    hj = jnp.asarray(h, jnp.float32)
+    dense = l2_normalize(hj[:, 0])
+    sparse = jax.nn.relu(ours.sparse_linear(hj))[..., 0]
+    colbert = l2_normalize(ours.colbert_linear(hj[:, 1:]) * jnp.asarray(mask[:, 1:, None]))
+    _check("dense head", dense, r32[0], r64[0])
+    _check("sparse head", sparse, r32[1], r64[1], real)
+    _check("colbert head", colbert, r32[2], r64[2])
+    assert 0.05 < (r64[1][real] > 0).mean() < 0.95, "the sparse ReLU must be neither dead nor always on"
