@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import fsspec
@@ -80,6 +81,11 @@ def test_loader_reads_fsspec_urls_and_untitled_passages(synth):
     local, mem = load_beir(synth), load_beir(url)
     assert (mem.corpus_ids, mem.corpus_texts, mem.query_ids, mem.query_texts, mem.qrels) == \
         (local.corpus_ids, local.corpus_texts, local.query_ids, local.query_texts, local.qrels)
+    with zipfile.ZipFile(Path(synth).parent / "synth.zip", "w") as z:  # a BEIR download, read in place
+        for f in sorted(Path(synth).rglob("*")):
+            z.write(f, f.relative_to(Path(synth).parent).as_posix())
+    zipped = load_beir(f"zip://synth::{Path(synth).parent / 'synth.zip'}")
+    assert (zipped.corpus_texts, zipped.query_ids, zipped.qrels) == (local.corpus_texts, local.query_ids, local.qrels)
     fs = fsspec.filesystem("memory")
     fs.pipe_file("/m3jax-test/untitled/corpus.jsonl",
                  b'{"_id": "a", "text": " no title "}\n\n{"_id": 7, "title": null, "text": "x"}\n'
