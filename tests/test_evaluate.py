@@ -1,6 +1,7 @@
 """m3jax.evaluate: BEIR loading, runs per mode against plain-numpy references from the same embeddings, metrics
 against a second library (ir-measures, which runs pytrec_eval / trec_eval), the CLI end to end."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -322,6 +323,23 @@ def test_evaluate_beir_end_to_end(encoded, model, synth, tmp_path):
     for mode in MODES:
         assert f"{mode}  (39 queries, 40 passages, top 20" in text
     assert text.count("nDCG@10") == text.count("Recall@20") == text.count("MRR@10") == 5
+
+
+def test_evaluate_beir_takes_a_precomputed_corpus(encoded, model):
+    ds, queries, corpus, index = encoded
+    report = evaluate_beir(ds, model, modes="colbert,rrf", corpus_embeddings=corpus, top_k=40)
+    assert report.runs == retrieve(index, queries, ds.query_ids, modes=("colbert", "rrf"), top_k=40)
+    assert report.settings["corpus_embeddings"] == "given" and "encode_corpus_s" not in report.timings
+    dense_only = dataclasses.replace(corpus, sparse_ids=None, sparse_weights=None, colbert=None, colbert_mask=None)
+    with pytest.raises(ValueError, match=r"need the sparse representation \(sparse_ids is None\)"):
+        evaluate_beir(ds, object(), modes="dense,sparse", corpus_embeddings=dense_only)
+    with pytest.raises(ValueError, match="3 rows for the 40 passages"):
+        evaluate_beir(ds, object(), modes="dense", corpus_embeddings=corpus_rows(corpus, 3))
+
+
+def corpus_rows(enc, n):
+    return dataclasses.replace(enc, **{f.name: getattr(enc, f.name)[:n] for f in dataclasses.fields(enc)
+                                       if getattr(enc, f.name) is not None})
 
 
 def test_evaluate_beir_rejects_bad_settings_before_loading(synth):

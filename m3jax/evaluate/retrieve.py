@@ -57,26 +57,32 @@ def _instructed(texts: list[str], instruction: str | None, fmt: str) -> list[str
     return [fmt.format(instruction, t) for t in texts]
 
 
+def encode_corpus(model, ds: BeirDataset, *, heads: Sequence[str], batch_size: int | None = None,
+                  max_length: int | None = None, show_progress: bool | None = None):
+    """EncodeResult [N, ...] of the passages with encode_corpus' settings (passage instruction, passage_max_length;
+    None takes the model's)."""
+    texts = _instructed(ds.corpus_texts, model.passage_instruction_for_retrieval, model.passage_instruction_format)
+    return model.encode_padded(texts, batch_size=batch_size, heads=heads, show_progress=show_progress,
+                               max_length=model.passage_max_length if max_length is None else max_length)
+
+
+def encode_queries(model, ds: BeirDataset, *, heads: Sequence[str], batch_size: int | None = None,
+                   max_length: int | None = None, show_progress: bool | None = None):
+    """EncodeResult [Q, ...] of the queries with encode_queries' settings (query instruction, query_max_length;
+    None takes the model's)."""
+    texts = _instructed(ds.query_texts, model.query_instruction_for_retrieval, model.query_instruction_format)
+    return model.encode_padded(texts, batch_size=batch_size, heads=heads, show_progress=show_progress,
+                               max_length=model.query_max_length if max_length is None else max_length)
+
+
 def encode_dataset(model, ds: BeirDataset, *, heads: Sequence[str], batch_size: int | None = None,
                    query_max_length: int | None = None, passage_max_length: int | None = None,
-                   show_progress: bool | None = None, timings: dict | None = None):
-    """(queries, corpus) EncodeResults of a BeirDataset, [Q, ...] and [N, ...] in its order.
-
-    Queries get encode_queries' settings (query instruction, query_max_length), passages encode_corpus' (passage
-    instruction, passage_max_length); None takes the model's own. timings, if given, receives the seconds spent.
-    """
-    qlen = model.query_max_length if query_max_length is None else query_max_length
-    plen = model.passage_max_length if passage_max_length is None else passage_max_length
-    t0 = time.perf_counter()
-    corpus = model.encode_padded(_instructed(ds.corpus_texts, model.passage_instruction_for_retrieval,
-                                             model.passage_instruction_format),
-                                 batch_size=batch_size, max_length=plen, heads=heads, show_progress=show_progress)
-    t1 = time.perf_counter()
-    queries = model.encode_padded(_instructed(ds.query_texts, model.query_instruction_for_retrieval,
-                                              model.query_instruction_format),
-                                  batch_size=batch_size, max_length=qlen, heads=heads, show_progress=show_progress)
-    if timings is not None:
-        timings.update(encode_corpus_s=round(t1 - t0, 3), encode_queries_s=round(time.perf_counter() - t1, 3))
+                   show_progress: bool | None = None):
+    """(queries, corpus) EncodeResults of a BeirDataset, [Q, ...] and [N, ...] in its order."""
+    corpus = encode_corpus(model, ds, heads=heads, batch_size=batch_size, max_length=passage_max_length,
+                           show_progress=show_progress)
+    queries = encode_queries(model, ds, heads=heads, batch_size=batch_size, max_length=query_max_length,
+                             show_progress=show_progress)
     return queries, corpus
 
 
@@ -156,5 +162,6 @@ def reciprocal_rank_fusion(runs: Sequence[Run], *, k: float = 60, depth: int | N
     return fused
 
 
-__all__ = ["DEFAULT_WEIGHTS", "MODES", "Run", "build_index", "check_modes", "encode_dataset", "heads_for",
+__all__ = ["DEFAULT_WEIGHTS", "MODES", "Run", "build_index", "check_modes", "encode_corpus", "encode_dataset",
+           "encode_queries", "heads_for",
            "reciprocal_rank_fusion", "retrieve"]

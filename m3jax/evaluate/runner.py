@@ -18,7 +18,8 @@ from m3jax.evaluate.retrieve import (
     Run,
     build_index,
     check_modes,
-    encode_dataset,
+    encode_corpus,
+    encode_queries,
     heads_for,
     retrieve,
 )
@@ -95,6 +96,14 @@ def _check_int(name: str, v: Any, low: int = 1) -> int:
     return v
 
 
+def _check_corpus_embeddings(enc: Any, n: int, heads: Sequence[str]) -> None:
+    if len(enc) != n:
+        raise SettingsError(f"corpus_embeddings: {len(enc)} rows for the {n} passages of corpus.jsonl")
+    for head, field in (("dense", "dense"), ("sparse", "sparse_ids"), ("colbert", "colbert")):
+        if head in heads and getattr(enc, field, None) is None:
+            raise SettingsError(f"corpus_embeddings: the modes need the {head} representation ({field} is None)")
+
+
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -114,7 +123,8 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
                   batch_size: int | None = None, query_max_length: int | None = None,
                   passage_max_length: int | None = None, dtype: str | None = None, index_dtype: str | None = None,
                   search_batch_size: int = 16, output: str | os.PathLike | None = None,
-                  storage_options: dict | None = None, show_progress: bool | None = None) -> EvalReport:
+                  storage_options: dict | None = None, show_progress: bool | None = None,
+                  corpus_embeddings: Any = None) -> EvalReport:
     """Evaluates BGE-M3 retrieval on one split of a BEIR-layout dataset, per mode.
 
     Args:
@@ -132,6 +142,8 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
       batch_size, query_max_length, passage_max_length: encoding settings; None takes the model's.
       index_dtype: CorpusIndex storage dtype for dense and ColBERT vectors (None: float32 as encoded).
       output: where to write the JSON report (atomically), if anywhere.
+      corpus_embeddings: the corpus already embedded, an EncodeResult [N, ...] in corpus.jsonl's order holding the
+        heads the modes need (e.g. read back from a stored embedding run); then only the queries are encoded.
     """
     try:
         modes = check_modes(modes)
@@ -157,16 +169,26 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
             raise SettingsError(f"metric {m} looks deeper than top_k={top_k}: raise top_k to {cutoff(m)} (or to "
                                 f"the corpus size, {len(ds.corpus_ids)})")
 
+    heads = heads_for(modes, weights, first_stage)
+    if corpus_embeddings is not None:
+        _check_corpus_embeddings(corpus_embeddings, len(ds.corpus_ids), heads)
+
     if isinstance(model, str | os.PathLike):
         from m3jax.api import BGEM3
 
         t0 = time.perf_counter()
         model = BGEM3(model, dtype=dtype)
         timings["load_model_s"] = round(time.perf_counter() - t0, 3)
-    heads = heads_for(modes, weights, first_stage)
-    queries, corpus = encode_dataset(model, ds, heads=heads, batch_size=batch_size,
-                                     query_max_length=query_max_length, passage_max_length=passage_max_length,
-                                     show_progress=show_progress, timings=timings)
+    corpus = corpus_embeddings
+    if corpus is None:
+        t0 = time.perf_counter()
+        corpus = encode_corpus(model, ds, heads=heads, batch_size=batch_size, max_length=passage_max_length,
+                               show_progress=show_progress)
+        timings["encode_corpus_s"] = round(time.perf_counter() - t0, 3)
+    t0 = time.perf_counter()
+    queries = encode_queries(model, ds, heads=heads, batch_size=batch_size, max_length=query_max_length,
+                             show_progress=show_progress)
+    timings["encode_queries_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     index = build_index(corpus, ds.corpus_ids, dtype=index_dtype)
     timings["index_s"] = round(time.perf_counter() - t0, 3)
@@ -182,7 +204,9 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
     settings = {
         "model": str(model.model_name_or_path), "dtype": str(model.dtype),
         "query_max_length": model.query_max_length if query_max_length is None else query_max_length,
-        "passage_max_length": model.passage_max_length if passage_max_length is None else passage_max_length,
+        "passage_max_length": (model.passage_max_length if passage_max_length is None else passage_max_length)
+        if corpus_embeddings is None else None,
+        "corpus_embeddings": "encoded" if corpus_embeddings is None else "given",
         "batch_size": model.batch_size if batch_size is None else batch_size,
         "query_instruction": model.query_instruction_for_retrieval,
         "passage_instruction": model.passage_instruction_for_retrieval,
