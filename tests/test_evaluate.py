@@ -357,11 +357,13 @@ def test_cli_end_to_end(synth, tmp_path, release):
     out = tmp_path / "cli.json"
     cmd = [sys.executable, "-m", "m3jax", "eval", synth, "--model", str(release),
            "--modes", "dense,sparse,rrf", "--weights", "1,0.3,1", "--top-k", "40", "--output", str(out),
-           "--batch-size", "16", "--query-max-length", "64", "--passage-max-length", "64", "--dtype", "float32"]
+           "--metrics", "ndcg@10,recall@100,mrr@10,map@40", "--batch-size", "16", "--query-max-length", "64",
+           "--passage-max-length", "64", "--dtype", "float32"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=600)
     assert r.returncode == 0, r.stderr
     saved = json.loads(out.read_text())
     assert list(saved["metrics"]) == ["dense", "sparse", "rrf"] and saved["settings"]["batch_size"] == 16
+    assert all(list(v) == ["ndcg@10", "recall@100", "mrr@10", "map@40"] for v in saved["metrics"].values())
     for mode, values in saved["metrics"].items():
         assert f"{mode}  (39 queries" in r.stdout
         assert f"nDCG@10     {values['ndcg@10']:.4f}" in r.stdout
