@@ -1,4 +1,4 @@
-"""Command line: `m3jax demo | convert | export | bench` (also `python -m m3jax ...`)."""
+"""Command line: `m3jax demo | convert | export | bench | eval` (also `python -m m3jax ...`)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,22 @@ def bench(args) -> int:
     return bench_job.main(args)
 
 
+def evaluate(args) -> int:
+    from m3jax.evaluate import DatasetError, SettingsError, evaluate_beir
+
+    try:
+        report = evaluate_beir(args.dataset, args.model, split=args.split, modes=args.modes, weights=args.weights,
+                               top_k=args.top_k, rrf_k=args.rrf_k, metrics=args.metrics, output=args.output,
+                               batch_size=args.batch_size, query_max_length=args.query_max_length,
+                               passage_max_length=args.passage_max_length, dtype=args.dtype)
+    except (DatasetError, SettingsError) as e:
+        print(f"m3jax eval: error: {e}", file=sys.stderr)
+        return 2
+    print(report.tables())
+    print(f"written: {args.output}" if args.output else "(no --output: nothing written)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -124,6 +140,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json", default=None, help="also write the result to this file")
     b.add_argument("--json-stdout", action="store_true", help="print JSON instead of the table")
     b.set_defaults(func=bench)
+
+    v = sub.add_parser("eval", help="retrieval metrics (nDCG@10, Recall@100, MRR@10) on a BEIR-layout dataset")
+    v.add_argument("dataset", help="folder or fsspec URL with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
+    v.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
+    v.add_argument("--split", default="test")
+    v.add_argument("--modes", default="dense,sparse,colbert,hybrid,rrf")
+    v.add_argument("--weights", default="1,0.3,1", help="hybrid's dense,sparse,colbert weights")
+    v.add_argument("--top-k", type=int, default=100)
+    v.add_argument("--rrf-k", type=float, default=60)
+    v.add_argument("--metrics", default="ndcg@10,recall@100,mrr@10", help="ranx metric names")
+    v.add_argument("--output", help="JSON report path")
+    v.add_argument("--batch-size", type=int)
+    v.add_argument("--query-max-length", type=int)
+    v.add_argument("--passage-max-length", type=int)
+    v.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU / TPU, else float32")
+    v.set_defaults(func=evaluate)
     return p
 
 

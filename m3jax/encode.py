@@ -182,24 +182,24 @@ class EncodeResult:
 
     # ---------------------------------------------------------------------------------------- padded views
     @property
-    def sparse_ids(self) -> np.ndarray:
-        """[N, K] int32, -1 padded (K = the most distinct ids in one row)."""
-        return self._sparse_padded()[0]
+    def sparse_ids(self) -> np.ndarray | None:
+        """[N, K] int32, -1 padded (K = the most distinct ids in one row); None if sparse was not computed."""
+        return None if self.sparse is None else self._sparse_padded()[0]
 
     @property
-    def sparse_weights(self) -> np.ndarray:
+    def sparse_weights(self) -> np.ndarray | None:
         """[N, K] float32, 0 padded."""
-        return self._sparse_padded()[1]
+        return None if self.sparse is None else self._sparse_padded()[1]
 
     @property
-    def colbert(self) -> np.ndarray:
-        """[N, T, C] float32, zero padded to the longest row (T = max(lengths) - 1)."""
-        return self._colbert_padded()[0]
+    def colbert(self) -> np.ndarray | None:
+        """[N, T, C] float32, zero padded to the longest row (T = max(lengths) - 1); None if not computed."""
+        return None if self.colbert_vecs is None else self._colbert_padded()[0]
 
     @property
-    def colbert_mask(self) -> np.ndarray:
+    def colbert_mask(self) -> np.ndarray | None:
         """[N, T] bool, True = a real token vector."""
-        return self._colbert_padded()[1]
+        return None if self.colbert_vecs is None else self._colbert_padded()[1]
 
     def _sparse_padded(self):
         if "sparse" not in self._padded:
