@@ -1,4 +1,4 @@
-"""Command line: `m3jax demo | convert | export | bench` (also `python -m m3jax ...`)."""
+"""Command line: `m3jax demo | convert | export | bench | embed` (also `python -m m3jax ...`)."""
 
 from __future__ import annotations
 
@@ -108,6 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
         bench = None
     if bench is not None:
         bench.add_parser(sub)
+    from m3jax.embed import cli as embed_cli
+
+    embed_cli.add_parser(sub)
     return p
 
 
