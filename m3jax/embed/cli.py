@@ -18,6 +18,8 @@ def add_parser(sub) -> None:
     p.add_argument("--max-length", type=int, default=512, help="tokens per text, longer ones are truncated")
     p.add_argument("--batch-size", type=int, default=256, help="most rows per device batch")
     p.add_argument("--max-tokens-per-batch", type=int, default=pipeline.DEFAULT_MAX_TOKENS)
+    p.add_argument("--length-buckets", default=None, help="comma-separated padded lengths (default: m3jax's 53); the "
+                                                          "largest must hold --max-length")
     p.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
     p.add_argument("--id-field", default=None, help="JSONL field / Parquet column of the id (default: row position)")
     p.add_argument("--shard-size", type=int, default=10_000, help="input rows per output shard")
@@ -37,13 +39,15 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from m3jax.embed import EmbedError, InputError, embed
 
+    buckets = [int(x) for x in args.length_buckets.split(",")] if args.length_buckets else None
     try:
         embed(args.inputs, args.model, args.output, outputs=[h.strip() for h in args.outputs.split(",") if h.strip()],
-              max_length=args.max_length, batch_size=args.batch_size, max_tokens_per_batch=args.max_tokens_per_batch,
-              text_field=args.text_field, id_field=args.id_field, shard_size=args.shard_size, window=args.window,
-              window_tokens=args.window_tokens, dense_dtype=args.dense_dtype, colbert_dtype=args.colbert_dtype,
-              dtype=args.dtype, attn_impl=args.attn_impl, coordinator=args.coordinator,
-              num_processes=args.num_processes, process_id=args.process_id, quiet=args.quiet)
+              max_length=args.max_length, length_buckets=buckets, batch_size=args.batch_size,
+              max_tokens_per_batch=args.max_tokens_per_batch, text_field=args.text_field, id_field=args.id_field,
+              shard_size=args.shard_size, window=args.window, window_tokens=args.window_tokens,
+              dense_dtype=args.dense_dtype, colbert_dtype=args.colbert_dtype, dtype=args.dtype,
+              attn_impl=args.attn_impl, coordinator=args.coordinator, num_processes=args.num_processes,
+              process_id=args.process_id, quiet=args.quiet)
     except (EmbedError, InputError, ValueError) as e:
         print(f"m3jax embed: error: {e}", file=sys.stderr)
         return 2

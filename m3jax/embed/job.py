@@ -128,9 +128,9 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     job["key"] = key
 
     if pid == 0:
-        _check_output(fs, root, job, output)
+        fresh = _check_output(fs, root, job, output)
         fs.makedirs(root, exist_ok=True)
-        if not fs.exists(posixpath.join(root, writer.JOB_FILE)):
+        if fresh:
             writer.write_json(fs, posixpath.join(root, writer.JOB_FILE), job)
     distributed.barrier("job")
     if pid != 0:
@@ -157,12 +157,15 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     state: dict = {}
 
     def batches():
-        for item in prefetch:
-            pending.append(item)
-            if isinstance(item, Window):
-                yield from item.batches
-            elif isinstance(item, _End):
-                state["end"] = item
+        try:
+            for item in prefetch:
+                pending.append(item)
+                if isinstance(item, Window):
+                    yield from item.batches
+                elif isinstance(item, _End):
+                    state["end"] = item
+        except Exception as e:  # noqa: BLE001 - raised once the rows read before it are written
+            state["error"] = e
 
     def flush_ended() -> None:
         nonlocal open_writer
@@ -201,6 +204,8 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
                 callback({"shard": w.shard, "rows": open_writer.rows, "shard_done": False})
             acc = None
         flush_ended()
+        if "error" in state:  # shards completed before the bad row are committed; the current one is dropped
+            raise state["error"]
         end = state.get("end")
         if end is None or pending:
             raise RuntimeError("the input stream ended without its end marker")  # a bug, never user input
@@ -243,28 +248,35 @@ def _files(source) -> list[str] | None:
     return None
 
 
+_LAST_ENCODER: dict = {}  # the last model loaded, so repeated calls in one process reuse it and its executables
+
+
 def _encoder(model, settings: Settings, devices):
     try:
         from m3jax.engine import Encoder
     except ImportError:
         from m3jax.embed._engine_shim import Encoder
-    return Encoder.from_pretrained(model, dtype=settings.dtype, devices=devices, attn_impl=settings.attn_impl,
-                                   length_buckets=settings.length_buckets,
-                                   max_tokens_per_batch=settings.max_tokens_per_batch)
+    key = (os.fspath(model), settings.dtype, None if devices is None else tuple(devices), settings.attn_impl,
+           settings.length_buckets, settings.max_tokens_per_batch)
+    if key not in _LAST_ENCODER:
+        _LAST_ENCODER.clear()
+        _LAST_ENCODER[key] = Encoder.from_pretrained(
+            model, dtype=settings.dtype, devices=devices, attn_impl=settings.attn_impl,
+            length_buckets=settings.length_buckets, max_tokens_per_batch=settings.max_tokens_per_batch)
+    return _LAST_ENCODER[key]
 
 
-def _check_output(fs, root: str, job: dict, output) -> None:
-    """An existing output directory must hold this very job (or nothing of ours)."""
-    path = posixpath.join(root, writer.JOB_FILE)
-    old = writer.read_json(fs, path) if fs.exists(root) else None
+def _check_output(fs, root: str, job: dict, output) -> bool:
+    """An existing output directory must hold this very job, or no finished shard; True: (re)write _job.json."""
+    old = writer.read_json(fs, posixpath.join(root, writer.JOB_FILE)) if fs.exists(root) else None
+    if old is not None and old.get("key") == job["key"]:
+        return False
+    finals, _ = writer.list_shards(fs, root)
+    if not finals and not fs.exists(posixpath.join(root, writer.MANIFEST)):
+        return True  # nothing of an earlier job to keep apart from this one
     if old is None:
-        finals, tmps = writer.list_shards(fs, root)
-        if finals or fs.exists(posixpath.join(root, writer.MANIFEST)):
-            raise EmbedError(f"output {output}: holds shards but no {writer.JOB_FILE}; not resumable, use a new "
-                             "directory")
-        return
-    if old.get("key") == job["key"]:
-        return
+        raise EmbedError(f"output {output}: holds shards but no {writer.JOB_FILE}; not resumable, use a new "
+                         "directory")
     diffs = [f"{k}: {a!r} (in {output}) != {b!r} (now)" for k, a, b in _diff(old, job) if k != "key"][:8]
     raise EmbedError(f"output {output} was written by a different job; use a new --output directory or delete it. "
                      f"Differences: " + "; ".join(diffs))
@@ -274,8 +286,11 @@ def _diff(a, b, prefix=""):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
             yield from _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
+    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
+            yield from _diff(x, y, f"{prefix}[{i}]")
     elif a != b:
-        yield prefix, (_short(a)), (_short(b))
+        yield prefix, _short(a), _short(b)
 
 
 def _short(v):

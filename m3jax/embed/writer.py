@@ -1,12 +1,14 @@
-"""Output layout: `shard-00000.parquet`, ... (one row per text, in input order), `job.json` (the settings a resume
-must match) and, once every shard is written, `manifest.json`.
+"""Output layout: `shard-00000.parquet`, ... (one row per text, in input order), `_job.json` (the settings a resume
+must match) and, once every shard is written, `_manifest.json`. Names starting with `_` (the job files, shards
+being written) are skipped by Parquet dataset readers, so `pandas.read_parquet(DIR)` reads just the shards.
 
 Columns (any reader of Parquet takes them: pyarrow, pandas, datasets, DuckDB):
   id string; tokens int32 (with `<s>` and `</s>`); truncated bool;
   dense fixed_size_list<float32 | float16>[D]; sparse_ids list<int32> and sparse_weights list<float32> (unique token
   ids in order of first occurrence); colbert list<fixed_size_list<float16 | float32>[C]> (tokens - 1 vectors).
-A shard is written under a temporary name and renamed when complete; its footer carries the job's settings hash,
-its index, first input row and counts, so a resume can tell a finished shard from a foreign or stale file.
+A shard is written under a temporary name (`_tmp.shard-00000.parquet`) and renamed when complete; its footer
+carries the job's settings hash, its index, first input row and counts, so a resume can tell a finished shard from
+a foreign or stale file.
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ import numpy as np
 
 FORMAT = "m3jax.embed"
 VERSION = 1
-JOB_FILE = "job.json"
-MANIFEST = "manifest.json"
+JOB_FILE = "_job.json"
+MANIFEST = "_manifest.json"
 META_KEY = b"m3jax.embed"
 _SHARD = re.compile(r"^shard-(\d{5,})\.parquet$")
-_TMP = re.compile(r"^shard-(\d{5,})\.parquet\.tmp$")
+_TMP = re.compile(r"^_tmp\.shard-(\d{5,})\.parquet$")
 
 
 def shard_name(k: int) -> str:
@@ -57,14 +59,14 @@ def ragged(values: np.ndarray, offsets: np.ndarray, inner: int | None = None):
 
 
 class ShardWriter:
-    """Writes one shard to `<name>.tmp` row group by row group; commit() renames it, abort() removes it."""
+    """Writes one shard to `_tmp.<name>` row group by row group; commit() renames it, abort() removes it."""
 
     def __init__(self, fs, root: str, k: int, schema, meta: dict):
         import pyarrow.parquet as pq
 
         self.fs, self.k, self.meta = fs, k, dict(meta)
         self.final = posixpath.join(root, shard_name(k))
-        self.tmp = self.final + ".tmp"
+        self.tmp = posixpath.join(root, "_tmp." + shard_name(k))
         self.schema = schema
         self._file = fs.open(self.tmp, "wb")
         # snappy: cheap next to the device; embeddings barely compress anyway.
@@ -127,7 +129,7 @@ def list_shards(fs, root: str) -> tuple[dict[int, str], dict[int, str]]:
 
 def write_json(fs, path: str, obj: dict) -> None:
     """JSON written to a temporary name, then renamed: a reader never sees half a file."""
-    tmp = path + ".tmp"
+    tmp = posixpath.join(posixpath.dirname(path), "_tmp." + posixpath.basename(path))
     with fs.open(tmp, "w") as f:
         f.write(json.dumps(obj, indent=1) + "\n")
     fs.mv(tmp, path)
