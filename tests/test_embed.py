@@ -353,24 +353,33 @@ def test_cli(tmp_path, model_dir, capsys):
 RSS_SCRIPT = """
 import json, resource, sys
 from m3jax.embed import embed
-m = embed(sys.argv[1], sys.argv[2], sys.argv[3], max_length=256, batch_size=16, shard_size=1024, window=128,
-          length_buckets=(256, 8192), colbert_dtype="float32", quiet=True)
+m = embed(sys.argv[1], sys.argv[2], sys.argv[3], max_length=64, batch_size=16, shard_size=1024, window=128,
+          length_buckets=(64, 8192), colbert_dtype="float32", quiet=True)
 print(json.dumps({"rows": m["rows"], "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
 """
 
 
 def test_host_memory_does_not_grow_with_the_corpus(tmp_path, model_dir):
-    """N and 10 N texts (windows of 128 texts, every batch the same [16, 256] shape, so both runs compile alike):
-    the peak RSS differs by < 10%, while the 10 N run's ColBERT output alone is > 10% of that peak, so a job that
-    held its outputs (or its input) would fail."""
-    n = 400
-    texts = mixed(10 * n, seed=4, max_words=400)  # most run past 256 tokens: 255 ColBERT vectors each
+    """N and 10 N texts (windows of 128, every batch the same [16, 64] shape, so both runs compile alike): the peak
+    RSS differs by < 10%, while the 10 N run's ColBERT output alone is > 10% of that peak (a tiny model with a wide,
+    256-dim ColBERT head), so a job that held its outputs would fail."""
+    from m3jax.checkpoint import save_m3jax
+    from m3jax.config import M3Config
+    from m3jax.model import init_model
+
+    cfg = M3Config.tiny(colbert_dim=256)
+    from flax import nnx
+
+    wide = save_m3jax(tmp_path / "wide", cfg, nnx.to_pure_dict(nnx.state(init_model(cfg, seed=0), nnx.Param)),
+                      model_dir)
+    n = 384
+    texts = mixed(10 * n, seed=4, max_words=100)  # most run past 64 tokens: 63 ColBERT vectors each
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     peaks = {}
     for size in (n, 10 * n):
         src = write_txt(tmp_path / f"c{size}.txt", texts[:size])
         env["M3JAX_HOME"] = str(tmp_path / f"home{size}")  # an empty compilation cache each: both compile alike
-        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, src, str(model_dir), str(tmp_path / f"o{size}")],
+        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, src, str(wide), str(tmp_path / f"o{size}")],
                            capture_output=True, text=True, env=env, timeout=600)
         assert r.returncode == 0, r.stderr[-3000:]
         res = json.loads(r.stdout.splitlines()[-1])
