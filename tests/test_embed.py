@@ -254,6 +254,33 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
+def test_resume_redoes_only_missing_shards(tmp_path, model_dir):
+    """Parquet (row groups of 3 across shards of 8) and JSONL: delete finished shards, rerun; only those are redone,
+    skipping the others' rows without parsing them, and the files come back byte for byte."""
+    n = len(TEXTS)
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "c.parquet", row_group_size=3)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    for src in ("c.parquet", "c.jsonl"):
+        out = tmp_path / f"out_{src}"
+        embed(str(tmp_path / src), model_dir, out, shard_size=8, window=4, **SET)
+        files = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+        assert len(files) == -(-n // 8)
+        for k in (1, 3):
+            (out / f"shard-{k:05d}.parquet").unlink()
+        (out / "_manifest.json").unlink()
+        m = embed(str(tmp_path / src), model_dir, out, shard_size=8, window=4, **SET)
+        assert m["run"]["skipped_shards"] == [k for k in range(len(files)) if k not in (1, 3)]
+        assert m["run"]["texts"] == 16
+        assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == files
+
+
+def test_empty_input(tmp_path, model_dir):
+    m = embed(write_txt(tmp_path / "empty.txt", []), model_dir, tmp_path / "out", **SET)
+    assert m["rows"] == 0 and m["shards"] == []
+    r = EmbeddingReader(tmp_path / "out")
+    assert len(r) == 0 and r.dense().shape == (0, r.dims["dense"]) and r.sparse_csr().shape[0] == 0
+
+
 def test_rerun_with_other_settings_or_model_stops(tmp_path, model_dir):
     from m3jax.checkpoint import load_params, save_m3jax
 

@@ -86,7 +86,9 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     Args:
       source: a path, URL or glob (`.txt`, `.jsonl`, `.parquet`, optionally compressed) or a list of them; or any
         other iterable of (id, text) pairs or of strings (an id None, or a plain string, gets its input position).
-      model: a model path (m3jax or release directory, hub id) or an Encoder.
+      model: a model path (m3jax or release directory, hub id), loaded with dtype, attn_impl, length_buckets and
+        max_tokens_per_batch and kept for the next call in this process; or an Encoder built with those same
+        values (they are recorded in the job settings as passed here).
       outputs: any of "dense", "sparse", "colbert".
       shard_size: input rows per shard file. window / window_tokens: the rows sorted and batched together (memory
         is bounded by a window's outputs: window_tokens x ColBERT dim).
