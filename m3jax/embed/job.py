@@ -229,7 +229,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
         manifest = writer.read_json(fs, posixpath.join(root, writer.MANIFEST))
     wall = time.perf_counter() - t_start
     if not quiet:
-        pad = stats.padded / max(1, stats.tokens) - 1
+        pad = stats.padded / stats.tokens - 1 if stats.tokens else 0.0
         skipped = f"; {len(done)} finished shard(s) skipped" if done else ""
         proc = f" (process {pid} of {nproc})" if nproc > 1 else ""
         print(f"m3jax embed{proc}: {stats.texts:,} texts, {stats.tokens:,} tokens, padding overhead {pad:.1%}, "
