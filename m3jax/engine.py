@@ -176,12 +176,18 @@ class Encoder:
                                      max_tokens=self.max_tokens_per_batch, row_multiple=ndev,
                                      buckets=self.length_buckets)
 
+    def make_batches(self, ids: Sequence[np.ndarray], plan: Iterable[tuple[int, int, np.ndarray]]
+                     ) -> list[pipeline.Batch]:
+        """The padded batches of a plan (from Encoder.plan) over token ids."""
+        cfg = self.config
+        return [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
+                for L, rows, idx in plan]
+
     def batches(self, ids: Sequence[np.ndarray], *, batch_size: int) -> Iterator[pipeline.Batch]:
         """The padded batches for token ids, built lazily in plan order."""
-        cfg = self.config
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
-        for L, rows, idx in self.plan(lengths, batch_size=batch_size):
-            yield pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
+        for step in self.plan(lengths, batch_size=batch_size):
+            yield from self.make_batches(ids, [step])
 
     # ------------------------------------------------------------------------------------------------ run
     def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):

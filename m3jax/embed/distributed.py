@@ -1,0 +1,55 @@
+"""Multi-host runs: `jax.distributed` from flags or the environment, the shard split, and barriers.
+
+Process p of P owns the shards k with k % P == p; every process reads (but only counts) the rows of the others'
+shards, so the split needs no communication. Each writes its own shards; process 0 writes job.json before the
+first barrier and the manifest after the last.
+"""
+
+from __future__ import annotations
+
+import os
+
+ENV = {"coordinator": "M3JAX_COORDINATOR", "num_processes": "M3JAX_NUM_PROCESSES", "process_id": "M3JAX_PROCESS_ID"}
+
+
+def initialize(coordinator: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None) -> tuple[int, int]:
+    """Starts jax.distributed when a coordinator (flag or $M3JAX_COORDINATOR) is given; returns (process id, count).
+
+    Without one, a single process, unless jax.distributed was already initialised by the caller."""
+    import jax
+
+    coordinator = coordinator or os.environ.get(ENV["coordinator"])
+    if num_processes is None and os.environ.get(ENV["num_processes"]):
+        num_processes = int(os.environ[ENV["num_processes"]])
+    if process_id is None and os.environ.get(ENV["process_id"]):
+        process_id = int(os.environ[ENV["process_id"]])
+    if coordinator and not jax.distributed.is_initialized():
+        if num_processes is None or process_id is None:
+            raise ValueError("a multi-host run needs --coordinator, --num-processes and --process-id together "
+                             f"(got coordinator={coordinator!r}, num_processes={num_processes}, "
+                             f"process_id={process_id})")
+        if not 0 <= process_id < num_processes:
+            raise ValueError(f"--process-id must be in 0 ... {num_processes - 1}, got {process_id}")
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id)
+    elif not coordinator and (num_processes or 1) > 1:
+        raise ValueError(f"--num-processes {num_processes} needs --coordinator HOST:PORT")
+    return jax.process_index(), jax.process_count()
+
+
+def barrier(name: str, timeout_s: float = 3600.0) -> None:
+    """Waits until every process reached the barrier `name` (no-op for one process)."""
+    import jax
+
+    if jax.process_count() == 1:
+        return
+    from jax._src import distributed
+
+    client = distributed.global_state.client
+    if client is not None:  # the coordinator's barrier: no device collective needed (CPU hosts have none)
+        client.wait_at_barrier(f"m3jax-embed-{name}", int(timeout_s * 1000))
+    else:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(f"m3jax-embed-{name}")

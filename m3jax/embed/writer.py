@@ -1,0 +1,142 @@
+"""Output layout: `shard-00000.parquet`, ... (one row per text, in input order), `_job.json` (the settings a resume
+must match) and, once every shard is written, `_manifest.json`. Names starting with `_` (the job files, shards
+being written) are skipped by Parquet dataset readers, so `pandas.read_parquet(DIR)` reads just the shards.
+
+Columns (any reader of Parquet takes them: pyarrow, pandas, datasets, DuckDB):
+  id string; tokens int32 (with `<s>` and `</s>`); truncated bool;
+  dense fixed_size_list<float32 | float16>[D]; sparse_ids list<int32> and sparse_weights list<float32> (unique token
+  ids in order of first occurrence); colbert list<fixed_size_list<float16 | float32>[C]> (tokens - 1 vectors).
+A shard is written under a temporary name (`_tmp.shard-00000.parquet`) and renamed when complete; its footer
+carries the job's settings hash, its index, first input row and counts, so a resume can tell a finished shard from
+a foreign or stale file.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+import re
+from typing import Any
+
+import numpy as np
+
+FORMAT = "m3jax.embed"
+VERSION = 1
+JOB_FILE = "_job.json"
+MANIFEST = "_manifest.json"
+META_KEY = b"m3jax.embed"
+_SHARD = re.compile(r"^shard-(\d{5,})\.parquet$")
+_TMP = re.compile(r"^_tmp\.shard-(\d{5,})\.parquet$")
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}.parquet"
+
+
+def schema(outputs: tuple[str, ...], dims: dict[str, int], dense_dtype: str, colbert_dtype: str):
+    import pyarrow as pa
+
+    fields = [pa.field("id", pa.string(), nullable=False), pa.field("tokens", pa.int32(), nullable=False),
+              pa.field("truncated", pa.bool_(), nullable=False)]
+    if "dense" in outputs:
+        fields.append(pa.field("dense", pa.list_(pa.from_numpy_dtype(np.dtype(dense_dtype)), dims["dense"])))
+    if "sparse" in outputs:
+        fields += [pa.field("sparse_ids", pa.list_(pa.int32())), pa.field("sparse_weights", pa.list_(pa.float32()))]
+    if "colbert" in outputs:
+        vec = pa.list_(pa.from_numpy_dtype(np.dtype(colbert_dtype)), dims["colbert"])
+        fields.append(pa.field("colbert", pa.list_(vec)))
+    return pa.schema(fields)
+
+
+def ragged(values: np.ndarray, offsets: np.ndarray, inner: int | None = None):
+    """list array of rows values[offsets[i]:offsets[i+1]]; inner: values are [M, inner] fixed-size vectors."""
+    import pyarrow as pa
+
+    child = pa.array(values.reshape(-1))
+    if inner is not None:
+        child = pa.FixedSizeListArray.from_arrays(child, inner)
+    return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), child)
+
+
+class ShardWriter:
+    """Writes one shard to `_tmp.<name>` row group by row group; commit() renames it, abort() removes it."""
+
+    def __init__(self, fs, root: str, k: int, schema, meta: dict):
+        import pyarrow.parquet as pq
+
+        self.fs, self.k, self.meta = fs, k, dict(meta)
+        self.final = posixpath.join(root, shard_name(k))
+        self.tmp = posixpath.join(root, "_tmp." + shard_name(k))
+        self.schema = schema
+        self._file = fs.open(self.tmp, "wb")
+        # snappy: cheap next to the device; embeddings barely compress anyway.
+        self._w = pq.ParquetWriter(self._file, schema, compression="snappy", use_dictionary=False,
+                                   write_statistics=["id", "tokens", "truncated"])
+        self.rows = self.tokens = self.empty = self.truncated = 0
+
+    def write(self, columns: dict[str, Any], *, tokens: int, empty: int, truncated: int) -> None:
+        import pyarrow as pa
+
+        table = pa.Table.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
+        self._w.write_table(table, row_group_size=1024)
+        self.rows += table.num_rows
+        self.tokens, self.empty, self.truncated = self.tokens + tokens, self.empty + empty, self.truncated + truncated
+
+    def commit(self) -> dict:
+        info = {**self.meta, "file": shard_name(self.k), "rows": self.rows, "tokens": self.tokens,
+                "empty_texts": self.empty, "truncated": self.truncated}
+        self._w.add_key_value_metadata({META_KEY: json.dumps(info).encode()})
+        self._w.close()
+        self._file.close()
+        self.fs.mv(self.tmp, self.final)
+        return info
+
+    def abort(self) -> None:
+        try:
+            self._w.close()
+            self._file.close()
+        finally:
+            if self.fs.exists(self.tmp):
+                self.fs.rm(self.tmp)
+
+
+def shard_info(fs, path: str) -> dict | None:
+    """The footer record of a finished shard, or None if the file is not one (unreadable or foreign)."""
+    import pyarrow.parquet as pq
+
+    try:
+        with fs.open(path, "rb") as f:
+            meta = pq.read_metadata(f).metadata or {}
+        info = json.loads(meta[META_KEY])
+    except Exception:  # noqa: BLE001 - anything unreadable is simply not a finished shard
+        return None
+    return info
+
+
+def list_shards(fs, root: str) -> tuple[dict[int, str], dict[int, str]]:
+    """({shard index: path} of final files, {shard index: path} of leftover temporary files)."""
+    final, tmp = {}, {}
+    if not fs.exists(root):
+        return final, tmp
+    for p in fs.ls(root, detail=False):
+        name = posixpath.basename(p.rstrip("/"))
+        if m := _SHARD.match(name):
+            final[int(m.group(1))] = p
+        elif m := _TMP.match(name):
+            tmp[int(m.group(1))] = p
+    return final, tmp
+
+
+def write_json(fs, path: str, obj: dict) -> None:
+    """JSON written to a temporary name, then renamed: a reader never sees half a file."""
+    tmp = posixpath.join(posixpath.dirname(path), "_tmp." + posixpath.basename(path))
+    with fs.open(tmp, "w") as f:
+        f.write(json.dumps(obj, indent=1) + "\n")
+    fs.mv(tmp, path)
+
+
+def read_json(fs, path: str) -> dict | None:
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)

@@ -1,0 +1,421 @@
+"""m3jax embed: streamed inputs to sharded Parquet, equal to encode_padded; resume after SIGKILL; bad inputs;
+bounded memory; the reader and CorpusIndex round trip. Tiny model, a few compiled shapes shared by every test."""
+
+import gzip
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa  # the embed extra is part of the test extra: missing it must fail, not skip
+import pyarrow.parquet as pq
+import pytest
+
+from m3jax import encode as pipeline
+from m3jax.api import BGEM3
+from m3jax.embed import EmbeddingReader, EmbedError, InputError, embed
+from m3jax.embed.planner import padding_ratio
+from tests.helpers import SENTENCES, mixed
+
+ROOT = Path(__file__).resolve().parents[1]
+TEXTS = SENTENCES + mixed(25, seed=3, max_words=40) + [""]
+# Few shapes: buckets 32 / 64 (8192 is the required catch-all), at most 4 rows.
+BUCKETS = (32, 64, 8192)
+SET = dict(max_length=64, batch_size=4, length_buckets=BUCKETS, colbert_dtype="float32", quiet=True)
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    from m3jax.testing import random_m3jax_dir
+
+    return random_m3jax_dir("tiny")
+
+
+@pytest.fixture(scope="module")
+def ref(model_dir):
+    m = BGEM3(model_dir, length_buckets=BUCKETS, batch_size=4, show_progress=False)
+    return m.encode_padded(TEXTS, max_length=64)
+
+
+def write_txt(path, texts):
+    Path(path).write_text("".join(t + "\n" for t in texts), encoding="utf-8")
+    return str(path)
+
+
+def assert_matches(r: EmbeddingReader, ref, rows=None, colbert_dtype="float32"):
+    """Reader output == encode_padded's, bit for bit (colbert after the cast to the stored dtype)."""
+    rows = np.arange(len(ref)) if rows is None else rows
+    np.testing.assert_array_equal(r.lengths(), ref.lengths[rows])
+    np.testing.assert_array_equal(r.truncated(), ref.truncated[rows])
+    np.testing.assert_array_equal(r.dense(), ref.dense[rows])
+    ids, w = r.sparse_padded()
+    k = ids.shape[1]
+    assert (ref.sparse_ids[rows, k:] == -1).all()
+    np.testing.assert_array_equal(ids, ref.sparse_ids[rows, :k])
+    np.testing.assert_array_equal(w, ref.sparse_weights[rows, :k])
+    flat, offsets = r.colbert()
+    want = [ref.colbert[i, :ref.lengths[i] - 1] for i in rows]
+    np.testing.assert_array_equal(np.diff(offsets), [len(v) for v in want])
+    np.testing.assert_array_equal(flat, np.concatenate(want).astype(colbert_dtype))
+
+
+# ------------------------------------------------------------------------------------------- equal to encode
+def test_one_window_equals_encode_bit_for_bit(tmp_path, model_dir, ref):
+    """One shard, one window: the very batches encode_padded runs, so every float32 output is bit-identical."""
+    src = write_txt(tmp_path / "c.txt", TEXTS)
+    m = embed(src, model_dir, tmp_path / "out", shard_size=1000, window=1000, **SET)
+    r = EmbeddingReader(tmp_path / "out")
+    assert len(r) == len(TEXTS) and r.ids().tolist() == [str(i) for i in range(len(TEXTS))]
+    assert_matches(r, ref)
+    # The empty last line is kept as an empty text (<s></s>), counted and documented in the manifest.
+    assert m["empty_texts"] == 1 and "empty" in m["empty_texts_policy"] and r.lengths()[-1] == 2
+    assert m["model"]["fingerprint"] and m["settings"]["max_length"] == 64 and m["rows"] == len(TEXTS)
+    assert m["shards"] == [{"file": "shard-00000.parquet", "shard": 0, "first_row": 0, "rows": len(TEXTS),
+                            "tokens": int(ref.lengths.sum()), "empty_texts": 1,
+                            "truncated": int(ref.truncated.sum())}]
+    assert ref.truncated.sum() > 0  # some texts run past max_length=64: the flag is exercised
+    # No m3jax needed to read it: pandas, DuckDB and datasets read the shards as they are.
+    import duckdb
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "out")
+    np.testing.assert_array_equal(np.stack(df["dense"].to_numpy()), ref.dense)
+    con = duckdb.connect()
+    n, tok = con.execute(f"select count(*), sum(tokens) from '{tmp_path}/out/*.parquet'").fetchone()
+    assert (n, tok) == (len(TEXTS), int(ref.lengths.sum()))
+    first = con.execute(f"select dense from '{tmp_path}/out/*.parquet' where id = '0'").fetchone()[0]
+    np.testing.assert_array_equal(np.array(first, np.float32), ref.dense[0])
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=str(tmp_path / "out" / "*.parquet"), split="train",
+                               cache_dir=str(tmp_path / "hf"))
+    assert ds.num_rows == len(TEXTS) and ds[3]["sparse_ids"] == ref.sparse_rows()[3][0].tolist()
+
+
+def test_shards_and_windows_keep_input_order(tmp_path, model_dir, ref):
+    """Shards of 7 rows, windows of 3: other batch compositions, same rows in input order. Each text's vectors
+    match encode_padded's to float32 rounding (a text's batch shape can differ, and XLA's CPU matmul may then
+    sum in another order); sparse ids exactly."""
+    src = write_txt(tmp_path / "c.txt", TEXTS)
+    m = embed(src, model_dir, tmp_path / "out", shard_size=7, window=3, **{**SET, "colbert_dtype": "float16"})
+    n = len(TEXTS)
+    assert [s["rows"] for s in m["shards"]] == [7] * (n // 7) + ([n % 7] if n % 7 else [])
+    assert [s["first_row"] for s in m["shards"]] == list(range(0, n, 7))
+    r = EmbeddingReader(tmp_path / "out")
+    assert r.ids().tolist() == [str(i) for i in range(n)]
+    np.testing.assert_allclose(r.dense(), ref.dense, atol=1e-6, rtol=0)
+    ids, w = r.sparse_padded()
+    np.testing.assert_array_equal(ids, ref.sparse_ids[:, :ids.shape[1]])
+    np.testing.assert_allclose(w, ref.sparse_weights[:, :ids.shape[1]], atol=1e-6, rtol=0)
+    flat, offsets = r.colbert()
+    assert flat.dtype == np.float16  # the default ColBERT storage
+    want = np.concatenate([ref.colbert[i, :ref.lengths[i] - 1] for i in range(n)])
+    np.testing.assert_allclose(flat.astype(np.float32), want, atol=2e-3, rtol=0)
+
+
+def test_windowed_padding_on_the_mixed_workload():
+    """1,000 texts of 5 to 8,192 tokens: windows of 256 texts pad within 0.1% of a global sort (count_shapes)."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(5, 8193, size=1000)
+    glob = pipeline.count_shapes(lengths, batch_size=256)["padding_ratio"]
+    ratios = {w: padding_ratio(lengths, window=w, batch_size=256, max_tokens=pipeline.DEFAULT_MAX_TOKENS)
+              for w in (64, 256, 1000)}
+    print(f"\npadding ratio, global sort {glob:.4f}; windows: " + ", ".join(f"{w}: {r:.4f}" for w, r in
+                                                                          ratios.items()))
+    assert ratios[1000] == pytest.approx(glob, abs=1e-12)  # one window is the global sort
+    assert ratios[256] < glob + 1e-3 and ratios[64] < glob + 1e-3
+
+
+# ---------------------------------------------------------------------------------------------- input formats
+def test_formats_fsspec_and_globs(tmp_path, model_dir, ref):
+    """jsonl (+ gzip), parquet (several row groups) with id columns, a glob over several files, memory:// in and
+    out, and a Python iterable: the same texts give the same arrays and the given ids."""
+    import fsspec
+
+    n = len(TEXTS)
+    ids = [f"doc-{i}" for i in range(n)]
+    half = n // 2
+    (tmp_path / "in").mkdir()
+    with open(tmp_path / "in" / "a.jsonl", "w") as f:
+        for i in range(half):
+            f.write(json.dumps({"body": TEXTS[i], "key": ids[i], "extra": 1}, ensure_ascii=False) + "\n")
+    with gzip.open(tmp_path / "in" / "b.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i in range(half, n):
+            f.write(json.dumps({"body": TEXTS[i], "key": ids[i]}) + "\n")
+    kw = dict(shard_size=8, window=5, **SET)
+    base = embed(str(tmp_path / "in" / "*.jsonl*"), model_dir, tmp_path / "o_jsonl", text_field="body",
+                 id_field="key", **kw)
+    r = EmbeddingReader(tmp_path / "o_jsonl")
+    assert r.ids().tolist() == ids and base["rows"] == n
+    dense = r.dense()
+    np.testing.assert_allclose(dense, ref.dense, atol=1e-6, rtol=0)
+
+    table = pa.table({"key": list(range(100, 100 + n)), "body": TEXTS})
+    with fsspec.open("memory://in/c.parquet", "wb") as f:
+        pq.write_table(table, f, row_group_size=4)
+    embed("memory://in/c.parquet", model_dir, "memory://out/p", text_field="body", id_field="key", **kw)
+    rp = EmbeddingReader("memory://out/p")
+    assert rp.ids().tolist() == [str(i) for i in range(100, 100 + n)]  # integer ids are stored as strings
+    np.testing.assert_array_equal(rp.dense(), dense)  # same windows and shards: the same bits
+    fs = fsspec.filesystem("memory")
+    assert sorted(p.rsplit("/", 1)[1] for p in fs.ls("/out/p", detail=False))[-1] == "shard-00004.parquet"
+
+    embed(iter([(ids[i] if i % 2 else None, t) for i, t in enumerate(TEXTS)]), model_dir, tmp_path / "o_it", **kw)
+    ri = EmbeddingReader(tmp_path / "o_it")
+    assert ri.ids().tolist() == [ids[i] if i % 2 else str(i) for i in range(n)]  # None: the input position
+    np.testing.assert_array_equal(ri.dense(), dense)
+    ri_sparse = ri.sparse_csr()
+    assert (ri_sparse != r.sparse_csr()).nnz == 0
+
+
+# ---------------------------------------------------------------------------------------- reader and index
+def test_reader_round_trip_into_corpus_index(tmp_path, model_dir, ref):
+    src = write_txt(tmp_path / "c.txt", TEXTS)
+    embed(src, model_dir, tmp_path / "out", shard_size=1000, window=1000, **SET)
+    r = EmbeddingReader(tmp_path / "out")
+    mm = r.dense(mmap=tmp_path / "dense.npy")
+    assert isinstance(mm, np.memmap) and mm.shape == ref.dense.shape
+    np.testing.assert_array_equal(np.load(tmp_path / "dense.npy", mmap_mode="r"), ref.dense)
+    assert (r.sparse_csr() != ref.sparse_csr()).nnz == 0
+    flat, offsets = ref.colbert_flat()
+    got = r.colbert()
+    np.testing.assert_array_equal(got[0], flat)
+    np.testing.assert_array_equal(got[1], offsets)
+    assert sum(t.num_rows for t in r.iter_shards()) == len(TEXTS)
+
+    from m3jax.index import CorpusIndex
+
+    ours = r.to_index()
+    theirs = CorpusIndex(ref.dense, ref.sparse_ids, ref.sparse_weights, ref.colbert, ref.colbert_mask,
+                         doc_ids=np.array([str(i) for i in range(len(TEXTS))]))
+    assert set(ours.corpus) == set(theirs.corpus)
+    for name in ours.corpus:  # the very arrays encode_padded gives, padded and sharded alike
+        np.testing.assert_array_equal(np.asarray(ours.corpus[name]), np.asarray(theirs.corpus[name]), err_msg=name)
+    np.testing.assert_array_equal(ours.doc_ids, theirs.doc_ids)
+    queries = {"dense": ref.dense[:5], "sparse_ids": ref.sparse_ids[:5], "sparse_weights": ref.sparse_weights[:5],
+               "colbert": ref.colbert[:5], "colbert_mask": ref.colbert_mask[:5]}
+    scores, ids = ours.search(queries, k=3, mode="hybrid")
+    assert ids[:, 0].tolist() == ["0", "1", "2", "3", "4"]  # each text finds itself first, by its row id
+    with pytest.raises(ValueError, match="no colbert output"):
+        embed(src, model_dir, tmp_path / "dense_only", outputs=["dense"], shard_size=1000, window=1000, **SET)
+        EmbeddingReader(tmp_path / "dense_only").colbert()
+
+
+# -------------------------------------------------------------------------------------------- kill, resume
+KILL_SCRIPT = """
+import sys, time
+from m3jax.embed import embed
+def slow(ev):
+    if not ev["shard_done"]:
+        time.sleep(0.4)   # leave the parent time to see a shard half written
+embed(sys.argv[1], sys.argv[2], sys.argv[3], shard_size=8, window=4, callback=slow, **{SET})
+"""
+
+
+def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
+    texts = mixed(40, seed=21, max_words=40)
+    src = write_txt(tmp_path / "c.txt", texts)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT.replace("{SET}", repr(SET)), src, str(model_dir),
+                             str(out)], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 240
+    try:
+        while time.time() < deadline:
+            names = {p.name for p in out.glob("*")} if out.exists() else set()
+            if {"shard-00000.parquet", "shard-00001.parquet", "_tmp.shard-00002.parquet"} <= names:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail("the job never got to its third shard")
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == -signal.SIGKILL
+    names = sorted(p.name for p in out.glob("*"))
+    assert "_manifest.json" not in names and "_tmp.shard-00002.parquet" in names  # killed mid-shard
+    assert "shard-00004.parquet" not in names
+
+    m = embed(src, model_dir, out, shard_size=8, window=4, **SET)  # resume
+    assert m["run"]["skipped_shards"][:2] == [0, 1] and m["rows"] == 40
+    assert not list(out.glob("_tmp.*"))
+    embed(src, model_dir, tmp_path / "straight", shard_size=8, window=4, **SET)
+    for k in range(5):
+        name = f"shard-{k:05d}.parquet"
+        a, b = pq.read_table(out / name), pq.read_table(tmp_path / "straight" / name)
+        assert a.equals(b), name
+        assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
+
+
+def test_resume_redoes_only_missing_shards(tmp_path, model_dir):
+    """Parquet (row groups of 3 across shards of 8) and JSONL: delete finished shards, rerun; only those are redone,
+    skipping the others' rows without parsing them, and the files come back byte for byte."""
+    n = len(TEXTS)
+    pq.write_table(pa.table({"text": TEXTS}), tmp_path / "c.parquet", row_group_size=3)
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    for src in ("c.parquet", "c.jsonl"):
+        out = tmp_path / f"out_{src}"
+        embed(str(tmp_path / src), model_dir, out, shard_size=8, window=4, **SET)
+        files = {p.name: p.read_bytes() for p in out.glob("shard-*")}
+        assert len(files) == -(-n // 8)
+        for k in (1, 3):
+            (out / f"shard-{k:05d}.parquet").unlink()
+        (out / "_manifest.json").unlink()
+        m = embed(str(tmp_path / src), model_dir, out, shard_size=8, window=4, **SET)
+        assert m["run"]["skipped_shards"] == [k for k in range(len(files)) if k not in (1, 3)]
+        assert m["run"]["texts"] == 16
+        assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == files
+
+
+def test_empty_input(tmp_path, model_dir):
+    m = embed(write_txt(tmp_path / "empty.txt", []), model_dir, tmp_path / "out", **SET)
+    assert m["rows"] == 0 and m["shards"] == []
+    r = EmbeddingReader(tmp_path / "out")
+    assert len(r) == 0 and r.dense().shape == (0, r.dims["dense"]) and r.sparse_csr().shape[0] == 0
+
+
+def test_rerun_with_other_settings_or_model_stops(tmp_path, model_dir):
+    from m3jax.checkpoint import load_params, save_m3jax
+
+    src = write_txt(tmp_path / "c.txt", TEXTS[:6])
+    out = tmp_path / "out"
+    embed(src, model_dir, out, shard_size=4, window=4, **SET)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(EmbedError, match=r"different job.*settings\.max_length: 64 .* != 32"):
+        embed(src, model_dir, out, shard_size=4, window=4, **{**SET, "max_length": 32})
+    cfg, params, tok = load_params(model_dir)
+    params["sparse_linear"]["bias"] = params["sparse_linear"]["bias"] + 1e-3  # one weight differs
+    other = save_m3jax(tmp_path / "other", cfg, params, tok)
+    with pytest.raises(EmbedError, match=r"model\.fingerprint"):
+        embed(src, other, out, shard_size=4, window=4, **SET)
+    write_txt(tmp_path / "c.txt", TEXTS[:7])  # the input changed
+    with pytest.raises(EmbedError, match=r"input\.files\[0\]\.size: \d+ .* != \d+"):
+        embed(src, model_dir, out, shard_size=4, window=4, **SET)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+def test_bad_inputs_name_file_and_row(tmp_path, model_dir):
+    kw = dict(shard_size=4, window=4, **SET)
+    with pytest.raises(InputError, match="missing.txt: no such file"):
+        embed(str(tmp_path / "missing.txt"), model_dir, tmp_path / "o1", **kw)
+    with pytest.raises(InputError, match=r"nomatch\*\.jsonl: the pattern matches no file"):
+        embed(str(tmp_path / "nomatch*.jsonl"), model_dir, tmp_path / "o1", **kw)
+    (tmp_path / "x.csv").write_text("a\n")
+    with pytest.raises(InputError, match="x.csv: unknown input format"):
+        embed(str(tmp_path / "x.csv"), model_dir, tmp_path / "o1", **kw)
+    (tmp_path / "bad.txt").write_bytes(b"ok\n\xff\xfe broken\n")
+    with pytest.raises(InputError, match=r"bad.txt, line 2: not UTF-8"):
+        embed(str(tmp_path / "bad.txt"), model_dir, tmp_path / "o2", **kw)
+
+    # A bad row in the third shard: shards 0 and 1 are complete and kept, shard 2 leaves nothing behind.
+    rows = [{"text": t} for t in TEXTS[:10]] + [{"txt": "wrong key"}]
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(InputError, match=r"c.jsonl, line 11: no field 'text'"):
+        embed(str(p), model_dir, tmp_path / "o3", **kw)
+    assert sorted(x.name for x in (tmp_path / "o3").iterdir()) == ["_job.json", "shard-00000.parquet",
+                                                                   "shard-00001.parquet"]
+    for bad, msg in (({"text": 5}, r"line 2: field 'text' is int"), ({"text": None}, r"line 2: field 'text' is "
+                                                                                      r"NoneType"),
+                     ([1, 2], r"line 2: a JSON list, expected an object")):
+        p.write_text(json.dumps({"text": "a"}) + "\n" + json.dumps(bad) + "\n")
+        with pytest.raises(InputError, match=msg):
+            embed(str(p), model_dir, tmp_path / "o4", **kw)
+    p.write_text(json.dumps({"text": "a"}) + "\n\n")
+    with pytest.raises(InputError, match=r"c.jsonl, line 2: an empty line"):
+        embed(str(p), model_dir, tmp_path / "o4", **kw)
+    p.write_text(json.dumps({"text": "a", "id": 1.5}) + "\n")
+    with pytest.raises(InputError, match=r"line 1: id is float"):
+        embed(str(p), model_dir, tmp_path / "o4", id_field="id", **kw)
+
+    pq.write_table(pa.table({"text": ["a", None]}), tmp_path / "n.parquet")
+    with pytest.raises(InputError, match=r"n.parquet, row 1: column 'text' is null"):
+        embed(str(tmp_path / "n.parquet"), model_dir, tmp_path / "o5", **kw)
+    pq.write_table(pa.table({"text": [1, 2]}), tmp_path / "i.parquet")
+    with pytest.raises(InputError, match=r"i.parquet: column 'text' is int64, expected strings"):
+        embed(str(tmp_path / "i.parquet"), model_dir, tmp_path / "o5", **kw)
+    with pytest.raises(InputError, match=r"i.parquet: no column 'body'"):
+        embed(str(tmp_path / "i.parquet"), model_dir, tmp_path / "o5", text_field="body", **kw)
+    (tmp_path / "junk.parquet").write_bytes(b"not parquet")
+    with pytest.raises(InputError, match=r"junk.parquet: cannot read as Parquet"):
+        embed(str(tmp_path / "junk.parquet"), model_dir, tmp_path / "o5", **kw)
+    with pytest.raises(InputError, match=r"input item 1: text is int"):
+        embed([("a", "x"), ("b", 3)], model_dir, tmp_path / "o6", **kw)
+    for o in ("o5", "o6"):
+        assert not [x for x in (tmp_path / o).iterdir() if x.name != "_job.json"]
+
+    (tmp_path / "file_out").write_text("x")
+    with pytest.raises(EmbedError, match="file_out: is a file"):
+        embed(write_txt(tmp_path / "ok.txt", ["a"]), model_dir, tmp_path / "file_out", **kw)
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def test_cli(tmp_path, model_dir, capsys):
+    from m3jax.cli import main
+
+    src = write_txt(tmp_path / "c.txt", TEXTS[:9])
+    args = ["embed", src, "--model", str(model_dir), "--max-length", "64", "--batch-size", "4", "--shard-size", "4",
+            "--outputs", "dense,sparse", "--dense-dtype", "float16", "--length-buckets", "32,64,8192"]
+    assert main(args + ["--output", str(tmp_path / "out")]) == 0
+    err = capsys.readouterr().err
+    assert "m3jax embed: 9 texts" in err and "padding overhead" in err and "tokens/s" in err
+    r = EmbeddingReader(tmp_path / "out")
+    assert r.outputs == ("dense", "sparse") and r.dense().dtype == np.float16 and len(r) == 9
+    assert main(args + ["--output", str(tmp_path / "q"), "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+    assert main(args + ["--output", str(tmp_path / "q"), "--quiet", "--max-length", "32"]) == 2
+    assert "different job" in capsys.readouterr().err
+    assert main(["embed", str(tmp_path / "nope.txt"), "--model", str(model_dir), "--output", str(tmp_path / "z")]) == 2
+    assert "nope.txt: no such file" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------- bounded memory
+RSS_SCRIPT = """
+import json, resource, sys
+from m3jax.embed import embed
+m = embed(sys.argv[1], sys.argv[2], sys.argv[3], max_length=64, batch_size=16, shard_size=1024, window=128,
+          length_buckets=(64, 8192), colbert_dtype="float32", quiet=True)
+print(json.dumps({"rows": m["rows"], "peak_kb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}))
+"""
+
+
+def test_host_memory_does_not_grow_with_the_corpus(tmp_path, model_dir):
+    """N and 10 N texts (windows of 128, every batch the same [16, 64] shape, so both runs compile alike): the peak
+    RSS differs by < 10%, while the 10 N run's ColBERT output alone is > 10% of that peak (a tiny model with a wide,
+    256-dim ColBERT head), so a job that held its outputs would fail."""
+    from m3jax.checkpoint import save_m3jax
+    from m3jax.config import M3Config
+    from m3jax.model import init_model
+
+    cfg = M3Config.tiny(colbert_dim=256)
+    from flax import nnx
+
+    wide = save_m3jax(tmp_path / "wide", cfg, nnx.to_pure_dict(nnx.state(init_model(cfg, seed=0), nnx.Param)),
+                      model_dir)
+    n = 384
+    texts = mixed(10 * n, seed=4, max_words=100)  # most run past 64 tokens: 63 ColBERT vectors each
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    peaks = {}
+    for size in (n, 10 * n):
+        src = write_txt(tmp_path / f"c{size}.txt", texts[:size])
+        env["M3JAX_HOME"] = str(tmp_path / f"home{size}")  # an empty compilation cache each: both compile alike
+        r = subprocess.run([sys.executable, "-c", RSS_SCRIPT, src, str(wide), str(tmp_path / f"o{size}")],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        res = json.loads(r.stdout.splitlines()[-1])
+        assert res["rows"] == size
+        peaks[size] = res["peak_kb"] * 1024
+    reader = EmbeddingReader(tmp_path / f"o{10 * n}")
+    colbert_bytes = int(reader.lengths().astype(np.int64).sum() - len(reader)) * reader.dims["colbert"] * 4
+    print(f"\npeak RSS: {n} texts {peaks[n] / 2**20:.0f} MiB, {10 * n} texts {peaks[10 * n] / 2**20:.0f} MiB; "
+          f"ColBERT output of the larger run {colbert_bytes / 2**20:.0f} MiB")
+    assert colbert_bytes > 0.1 * peaks[n]
+    assert abs(peaks[10 * n] - peaks[n]) < 0.1 * peaks[n]

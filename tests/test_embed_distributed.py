@@ -1,0 +1,59 @@
+"""m3jax embed over jax.distributed: 2 processes x 2 CPU devices, a local coordinator; each process writes the
+shards k % 2 == its id, process 0 the manifest; the output equals a single 2-device process's, row for row."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from m3jax.embed import EmbeddingReader
+from tests.helpers import SENTENCES, mixed
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = """
+import sys
+from m3jax.embed import embed
+src, model, out, coord, nproc, pid = sys.argv[1:7]
+m = embed(src, model, out, max_length=32, batch_size=4, length_buckets=(32, 8192), shard_size=6, window=4,
+          colbert_dtype="float32", coordinator=coord or None, num_processes=int(nproc) if coord else None,
+          process_id=int(pid) if coord else None)
+print("ROWS", m["rows"], "SKIPPED", m["run"]["skipped_shards"], "TEXTS", m["run"]["texts"])
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_equal_one(tmp_path):
+    from m3jax.testing import random_m3jax_dir
+
+    model = random_m3jax_dir("tiny")
+    texts = SENTENCES + mixed(19, seed=9, max_words=8)  # 33 rows: 6 shards, the last one partial
+    src = tmp_path / "c.txt"
+    src.write_text("".join(t + "\n" for t in texts))
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    coord = f"127.0.0.1:{_free_port()}"
+    runs = [(tmp_path / "multi", coord, "2", str(p)) for p in range(2)] + [(tmp_path / "single", "", "1", "0")]
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(src), str(model), str(out), c, n, p], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out, c, n, p in runs]
+    outs = [p.communicate(timeout=600) for p in procs]  # the three run at once
+    for p, (_, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    # Each process embedded only its own shards: 0, 2, 4 (18 rows) and 1, 3, 5 (15 rows).
+    assert "ROWS 33" in outs[0][0] and "TEXTS 18" in outs[0][0] and "TEXTS 15" in outs[1][0]
+    assert "TEXTS 33" in outs[2][0]
+
+    a, b = EmbeddingReader(tmp_path / "multi"), EmbeddingReader(tmp_path / "single")
+    assert a.manifest["runtime"]["processes"] == 2 and len(a) == len(b) == len(texts)
+    assert a.manifest["shards"] == b.manifest["shards"]
+    for s in b.manifest["shards"]:
+        ta, tb = pq.read_table(tmp_path / "multi" / s["file"]), pq.read_table(tmp_path / "single" / s["file"])
+        assert ta.equals(tb), s["file"]  # row for row, every value
+    assert a.ids().tolist() == [str(i) for i in range(len(texts))]
