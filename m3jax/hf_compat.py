@@ -145,7 +145,6 @@ class HFTokenizer(Tokenizer):
             setattr(self, f"{k}_id", self._tok.token_to_id(v))
         self.all_special_tokens = list(dict.fromkeys(self.special_tokens_map.values()))
         self.all_special_ids = [self._tok.token_to_id(t) for t in self.all_special_tokens]
-        self._call_tok = None  # a second tokenizers instance: __call__ sets truncation/padding per call
 
     def __len__(self) -> int:
         return self._tok.get_vocab_size(with_added_tokens=True)
@@ -174,9 +173,14 @@ class HFTokenizer(Tokenizer):
             pairs = [text_pair] if isinstance(text_pair, str) else list(text_pair)
             if len(pairs) != len(texts) or not all(isinstance(t, str) for t in pairs):
                 raise ValueError(f"text_pair must match text: {len(pairs)} pairs for {len(texts)} texts")
-        tok = self._configured(padding, truncation, max_length, stride, pad_to_multiple_of)
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-        encs = tok.encode_batch(inputs, add_special_tokens=add_special_tokens)
+        try:
+            encs = self._configured(padding, truncation, max_length, stride, pad_to_multiple_of).encode_batch(
+                inputs, add_special_tokens=add_special_tokens)
+        finally:  # hand the shared tokenizers instance back as Tokenizer.encode expects it
+            self._tok.no_padding()
+            self._tok.no_truncation()
+            self._max_length = None
         out = {"input_ids": [e.ids for e in encs]}
         if return_token_type_ids:
             out["token_type_ids"] = [e.type_ids for e in encs]
@@ -186,16 +190,12 @@ class HFTokenizer(Tokenizer):
             out["special_tokens_mask"] = [e.special_tokens_mask for e in encs]
         if return_length:
             out["length"] = [len(e.ids) for e in encs]
-        if single:
-            out = {k: v[0] for k, v in out.items()}
+        if single:  # transformers keeps `length` a list for one text
+            out = {k: (v if k == "length" else v[0]) for k, v in out.items()}
         return BatchEncoding({k: _as_tensor(v, return_tensors, k) for k, v in out.items()})
 
     def _configured(self, padding, truncation, max_length, stride, pad_to_multiple_of):
-        from tokenizers import Tokenizer as _HFTokenizer
-
-        if self._call_tok is None:
-            self._call_tok = _HFTokenizer.from_str(self._tok.to_str())
-        tok = self._call_tok
+        tok = self._tok
         if truncation is None and max_length is not None:
             truncation = True  # transformers: max_length without truncation truncates (with a warning)
         if truncation not in (None, False, "do_not_truncate"):
