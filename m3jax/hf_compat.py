@@ -239,7 +239,8 @@ class HFTokenizer(Tokenizer):
             encoded_inputs = {k: [row[k] for row in encoded_inputs] for k in (encoded_inputs[0] if
                                                                               encoded_inputs else {})}
         rows = [list(np.asarray(r).tolist()) for r in encoded_inputs["input_ids"]]
-        masks = encoded_inputs.get("attention_mask") or [[1] * len(r) for r in rows]
+        masks = encoded_inputs.get("attention_mask")
+        masks = [[1] * len(r) for r in rows] if masks is None else [list(np.asarray(m).tolist()) for m in masks]
         target = max((len(r) for r in rows), default=0)
         if padding == "max_length":
             target = max_length or self.model_max_length
@@ -355,6 +356,8 @@ class EncoderView:
         self.config = HFConfigView(module.config)
 
     def __getattr__(self, name: str) -> Any:  # embeddings, encoder: the NNX submodules
+        if name == "_module":  # not yet set (copy, unpickling)
+            raise AttributeError(name)
         return getattr(self._module, name)
 
     def eval(self) -> EncoderView:
@@ -398,6 +401,8 @@ class TorchLikeModel:
         self.tokenizer = tokenizer
 
     def __getattr__(self, name: str) -> Any:
+        if name == "nnx":  # not yet set (copy, unpickling)
+            raise AttributeError(name)
         return getattr(self.nnx, name)
 
     def __call__(self, *args, **kwargs):

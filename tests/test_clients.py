@@ -2,6 +2,7 @@
 model sizes, score types) against FlagEmbedding's own objects; pymilvus-model's BGEM3EmbeddingFunction end to end
 into Milvus Lite; Qdrant local mode with dense, sparse and ColBERT multivectors."""
 
+import json
 import logging
 import pickle
 
@@ -198,9 +199,12 @@ def test_tokenizer_as_transformers(ours, flag):
 def test_convert_id_to_token_and_outputs_as_flagembedding(ours, flag):
     out = ours.encode(DOCS[:4], return_sparse=True)
     ref = flag.encode(DOCS[:4], return_sparse=True)
-    assert ours.convert_id_to_token(out["lexical_weights"]) .__len__() == 4
     assert [set(d) for d in ours.convert_id_to_token(out["lexical_weights"])] == [
         set(d) for d in flag.convert_id_to_token(ref["lexical_weights"])]
+    # what PAI-RAG / LazyLLM do: json.dumps(..., default=float)
+    mine, theirs = (json.loads(json.dumps(o["lexical_weights"], default=float)) for o in (out, ref))
+    assert [set(d) for d in mine] == [set(d) for d in theirs]
+    assert max(abs(d[k] - e[k]) for d, e in zip(mine, theirs, strict=True) for k in d) <= TOL
     # what LlamaIndex does with the outputs: pickle the dict, reload, score
     again = pickle.loads(pickle.dumps(out))
     assert np.array_equal(again["dense_vecs"], out["dense_vecs"]) and again["lexical_weights"] == out[
