@@ -71,9 +71,10 @@ def accept_unknown_kwargs(obj: Any, kwargs: Mapping[str, Any]) -> None:
     if not kwargs:
         return
     clash = sorted(k for k in kwargs if hasattr(type(obj), k))
-    logger.warning("%s: ignoring keyword argument(s) %s (FlagEmbedding accepts and ignores them too)%s",
+    logger.warning("%s: unused keyword argument(s) %s kept as attributes and otherwise ignored, as FlagEmbedding "
+                   "does%s",
                    type(obj).__name__, ", ".join(f"{k}={v!r:.40}" for k, v in kwargs.items()),
-                   f"; not set as attributes, they name methods: {', '.join(clash)}" if clash else "")
+                   f" (not set, they name methods: {', '.join(clash)})" if clash else "")
     for k, v in kwargs.items():
         if k not in clash:
             setattr(obj, k, v)
