@@ -123,7 +123,7 @@ class HFTokenizer(Tokenizer):
     Same library (`tokenizers`) and files as transformers' fast tokenizer, so ids, tokens and text agree with it
     exactly (tests/test_clients.py checks each call). `encode(texts: list, max_length)` keeps m3jax's batched
     contract; `encode(text: str, ...)` is transformers' single-text form (a list of ids).
-    Not provided: `save_pretrained`, offsets and overflow outputs, `apply_chat_template`, `return_tensors="tf"`.
+    Not provided: offsets and overflow outputs, `apply_chat_template`, `return_tensors="tf"`.
     """
 
     padding_side = "right"
@@ -135,6 +135,7 @@ class HFTokenizer(Tokenizer):
         super().__init__(directory)
         directory = Path(directory)
         self.name_or_path = str(directory)
+        self._directory = directory
         cfg = {}
         for name in ("tokenizer_config.json", "special_tokens_map.json"):
             if (directory / name).is_file():
@@ -226,6 +227,24 @@ class HFTokenizer(Tokenizer):
             raise TypeError("encode(list_of_texts, max_length) is m3jax's batched form; for transformers' form "
                             "pass one str, or call the tokenizer on the list")
         return super().encode(texts, max_length)
+
+    def save_pretrained(self, save_directory) -> tuple[str, ...]:
+        """Copies the tokenizer's files (tokenizer.json and the configs it came with) into save_directory, which
+        transformers' AutoTokenizer.from_pretrained then loads as FlagEmbedding's tokenizer."""
+        import shutil
+
+        from m3jax.checkpoint import TOKENIZER_FILES
+
+        dst = Path(save_directory)
+        if dst.is_file():
+            raise ValueError(f"save_directory {dst}: is a file, expected a directory")
+        dst.mkdir(parents=True, exist_ok=True)
+        written = []
+        for name in TOKENIZER_FILES:
+            if (self._directory / name).is_file():
+                shutil.copyfile(self._directory / name, dst / name)
+                written.append(str(dst / name))
+        return tuple(written)
 
     def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
         return self._tok.encode(text, pair, add_special_tokens=add_special_tokens).tokens

@@ -133,6 +133,18 @@ TOKENIZER_CALLS = [
 ]
 
 
+def test_tokenizer_save_pretrained(ours, tmp_path):
+    from transformers import AutoTokenizer
+
+    written = ours.tokenizer.save_pretrained(tmp_path / "tok")
+    assert {p.rsplit("/", 1)[-1] for p in written} >= {"tokenizer.json", "tokenizer_config.json"}
+    reloaded = AutoTokenizer.from_pretrained(tmp_path / "tok")
+    assert type(reloaded).__name__ == "XLMRobertaTokenizerFast" and len(reloaded) == len(ours.tokenizer)
+    assert reloaded(TOK_TEXTS)["input_ids"] == ours.tokenizer(TOK_TEXTS)["input_ids"]
+    with pytest.raises(ValueError, match="is a file"):
+        ours.tokenizer.save_pretrained(written[0])
+
+
 def test_tokenizer_as_transformers(ours, flag):
     """Each call clients make on model.tokenizer, against FlagEmbedding's XLMRobertaTokenizerFast on the same files."""
     tok, ref = ours.tokenizer, flag.tokenizer
