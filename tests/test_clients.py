@@ -8,9 +8,9 @@ import pickle
 
 import numpy as np
 import pytest
-from tests.helpers import SENTENCES, long_text, mixed
 
 from m3jax import BGEM3FlagModel, BGEM3Model
+from tests.helpers import SENTENCES, long_text, mixed
 
 TOL = 1e-5
 COLBERT_DIM = 24  # tiny_narrow_colbert: hidden 48, ColBERT 24, so the two sizes cannot be confused
