@@ -11,15 +11,26 @@ from m3jax.train.loss import LossConfig
 from m3jax.train.step import OptimConfig, decays, linear_schedule, make_optimizer, train_step
 
 
-def test_train_step_lowers_loss_and_respects_freezing():
-    cfg = M3Config.tiny(vocab_size=512, num_layers=1)
-    graphdef, state = nnx.split(init_model(cfg, seed=0))
-    rng = np.random.default_rng(0)
-    B, G = 4, 2
-    batch = {"q_ids": rng.integers(4, 512, (B, 8)).astype(np.int32), "q_mask": np.ones((B, 8), np.int32),
-             "p_ids": rng.integers(4, 512, (B * G, 12)).astype(np.int32), "p_mask": np.ones((B * G, 12), np.int32)}
-    batch["q_ids"][:, 0] = batch["p_ids"][:, 0] = 0
-    flags = LossConfig(unified_finetuning=True, fix_position_embedding=True)
+def test_train_step_lowers_loss_and_respects_freezing(tmp_path):
+    """A batch from TrainData (teacher scores, m3_kd_loss, self-distillation) through the jitted step."""
+    import json
+
+    from m3jax.testing import write_tokenizer
+    from m3jax.tokenizer import Tokenizer
+    from m3jax.train.data import DataConfig, TrainData
+    from tests.texts import SENTENCES, mixed
+
+    write_tokenizer(tmp_path)
+    rows = [{"query": q, "pos": [p], "neg": mixed(3, seed=i, max_words=20), "pos_scores": [1.0],
+             "neg_scores": [0.5, 0.0, -0.5]} for i, (q, p) in enumerate(zip(SENTENCES[:4], SENTENCES[4:8],
+                                                                                strict=True))]
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = TrainData(str(tmp_path / "train.jsonl"), Tokenizer(tmp_path),
+                     DataConfig(train_group_size=2, passage_max_len=48, knowledge_distillation=True), batch_size=4)
+    batch = next(iter(data.epoch(0)))
+    graphdef, state = nnx.split(init_model(M3Config.tiny(num_layers=1), seed=0))
+    flags = LossConfig(unified_finetuning=True, use_self_distill=True, self_distill_start_step=0,
+                       kd_loss_type="m3_kd_loss", fix_position_embedding=True)
     opt = OptimConfig(num_training_steps=20, learning_rate=1e-3, weight_decay=0.01, warmup_steps=2)
     tx = make_optimizer(state, flags, opt)
     opt_state = tx.init(state)

@@ -4,6 +4,10 @@ Format (one JSON object per line; files, directories of .json/.jsonl files, or f
     {"query": str, "pos": [str, ...], "neg": [str, ...],
      "pos_scores": [float, ...], "neg_scores": [float, ...],   # teacher scores, read with knowledge_distillation
      "prompt": str}                                             # per-example query instruction (optional)
+JSON lines only: a .json file holding one JSON array (which the reference's `datasets` loader also accepts) is
+rejected at its first line. Not carried over: max_example_num_per_dataset, and the same-dataset-per-batch mode
+(AbsEmbedderSameDatasetTrainDataset, with per-file batch sizes and `no_in_batch_neg` file names); the loss
+supports the latter's no_in_batch_neg flag.
 
 Sampling mirrors AbsEmbedderTrainDataset.__getitem__ draw for draw (`sample_group`): one positive drawn with
 random.choice, optionally text-shuffled (shuffle_ratio), then G-1 negatives by random.sample, from the pool repeated

@@ -306,19 +306,20 @@ def is_trainable(path: str, flags: LossConfig) -> bool:
     return not (flags.fix_position_embedding and "position_embeddings" in path)
 
 
-def _path(keypath) -> str:
+def param_path(keypath) -> str:
+    """A state keypath as an m3jax parameter path: "encoder/layer/attention/self/query/kernel"."""
     return "/".join(str(k.key) for k in keypath if isinstance(k, jax.tree_util.DictKey))
 
 
 def trainable_mask(state: Any, flags: LossConfig) -> Any:
     """A pytree like state with True where the parameter is trained (for optax.masked and the like)."""
-    return jax.tree_util.tree_map_with_path(lambda kp, _: is_trainable(_path(kp), flags), state)
+    return jax.tree_util.tree_map_with_path(lambda kp, _: is_trainable(param_path(kp), flags), state)
 
 
 def freeze(state: Any, flags: LossConfig) -> Any:
     """state with stop_gradient on every frozen parameter: their gradients are exactly zero."""
     return jax.tree_util.tree_map_with_path(
-        lambda kp, x: x if is_trainable(_path(kp), flags) else jax.lax.stop_gradient(x), state)
+        lambda kp, x: x if is_trainable(param_path(kp), flags) else jax.lax.stop_gradient(x), state)
 
 
 def encode(model, input_ids: jax.Array, attention_mask: jax.Array, flags: LossConfig) -> dict:

@@ -12,7 +12,7 @@ import jax
 import optax
 from flax import nnx
 
-from m3jax.train.loss import LossConfig, _path, is_trainable, value_and_grad
+from m3jax.train.loss import LossConfig, is_trainable, param_path, value_and_grad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +52,8 @@ def decays(path: str) -> bool:
 def make_optimizer(state: nnx.State, flags: LossConfig, cfg: OptimConfig) -> optax.GradientTransformation:
     """Clip, AdamW with the decay mask, schedule; frozen parameters get zero updates (and no optimiser state)."""
     labels = jax.tree_util.tree_map_with_path(
-        lambda kp, _: "train" if is_trainable(_path(kp), flags) else "frozen", state)
-    decay_mask = jax.tree_util.tree_map_with_path(lambda kp, _: decays(_path(kp)), state)
+        lambda kp, _: "train" if is_trainable(param_path(kp), flags) else "frozen", state)
+    decay_mask = jax.tree_util.tree_map_with_path(lambda kp, _: decays(param_path(kp)), state)
     adamw = optax.adamw(linear_schedule(cfg), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     train = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
