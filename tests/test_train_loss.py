@@ -283,6 +283,12 @@ batch = dict(np.load(work + "/batch.npz"))  # value_and_grad shards it
 flags = LossConfig(**spec["model_flags"])
 (loss, parts), grads = value_and_grad(graphdef, state, batch, jnp.int32(spec["model_step"]), flags, mesh=mesh)
 out["model_loss"] = np.float64(loss)
+odd = {k: v[:3] for k, v in batch.items()}
+try:
+    value_and_grad(graphdef, state, odd, jnp.int32(0), flags, mesh=mesh)
+    raise AssertionError("3 rows over 4 devices must be refused")
+except ValueError as e:
+    assert "not divisible by the 4 devices" in str(e), e
 for k, v in params_to_torch(nnx.to_pure_dict(grads), cfg).items():
     out["grad/" + k] = v
 

@@ -367,6 +367,11 @@ def value_and_grad(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, step: 
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
+    world = mesh.shape[axis_name]
+    for key, x in batch.items():
+        if x.shape[0] % world:
+            raise ValueError(f"batch[{key!r}] has {x.shape[0]} rows, not divisible by the {world} devices of mesh "
+                             f"axis {axis_name!r}")
     rows = NamedSharding(mesh, P(axis_name))
     explicit = mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit
     batch = jax.reshard(batch, rows) if explicit else jax.lax.with_sharding_constraint(batch, rows)
