@@ -165,6 +165,10 @@ def test_pipeline_processes_epochs_and_shapes(tok_dir, tmp_path):
     # One process fed with both slices sees the same rows, sampled identically (per-example generators).
     one = run(1, 0)[0]
     assert len(one) == 27 // 3
+    for k in range(len(two[0])):  # global batch k of two processes = batches 2k and 2k+1 of one
+        for p in range(2):
+            for key in one[2 * k + p]:
+                np.testing.assert_array_equal(two[p][k][key], one[2 * k + p][key])
     again = run(2, 0)
     for a, b in zip(two[0], again[0], strict=True):
         for k in a:
