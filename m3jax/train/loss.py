@@ -14,7 +14,8 @@ Two places where m3jax's static shapes would otherwise change the reference's nu
     training path); padding positions carry the pad id, whose column is zeroed, so padding never counts.
 Cross-device negatives follow the reference's DDP semantics exactly: the gathered representations of other devices
 are constants (torch.distributed.all_gather does not backpropagate), the device's own block keeps its gradient, and
-gradients are averaged over devices (`value_and_grad` with a mesh).
+gradients are averaged over devices (`value_and_grad` with a mesh). So, as in FlagEmbedding, the cross-device dense
+term's gradient is 1/W of the gradient of the global loss whose value every device reports.
 """
 
 from __future__ import annotations
