@@ -37,3 +37,12 @@ def test_gpu_script_checks_out_on_cpu(tmp_path):
         assert w["min_dense_cosine"] > 0.999  # m3jax and FlagEmbedding agree on the same texts
         assert w["m3jax"]["tokens_per_s"] > 0 and w["flag"]["tokens_per_s"] > 0
         assert w["flag"]["engine"] == "FlagEmbedding BGEM3FlagModel"
+
+
+def test_bf16_matmul_probe_runs(tmp_path):
+    r = run(["benchmarks/cpu_bf16_matmul.py", "--rows", "64", "--seconds", "0.05", "--repeats", "1",
+             "--configs", "xla default,oneDNN thunks"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = {line.split("  ")[1].strip(): line for line in r.stdout.splitlines()[2:]}
+    assert set(rows) == {"torch", "xla default", "oneDNN thunks"}
+    assert "nan" not in r.stdout  # every configuration ran and was timed
