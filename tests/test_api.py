@@ -190,8 +190,9 @@ def test_compiled_shapes_stay_bounded(ours):
     lengths = rng.integers(5, 8193, size=1000)
     stats = pipeline.count_shapes(lengths, batch_size=256)
     print(f"\n1,000 texts of 5-8,192 tokens: {stats}")
-    assert stats["shapes"] <= 80 and stats["max_shapes_bound"] <= 450
-    assert stats["padding_ratio"] < 1.05
+    # Deterministic (the plan is pure integer arithmetic on a seeded draw): exact values, not bounds.
+    assert (stats["batches"], stats["shapes"], stats["max_shapes_bound"]) == (334, 70, 437)
+    assert (stats["padded_tokens"], stats["real_tokens"]) == (4_348_676, 4_229_224)  # padding 2.8%
     # And what the compiled cache really holds for a varied workload: at most the planned shapes.
     before = set(ours.compile_seconds)
     texts = mixed(40, seed=11, max_words=300)
