@@ -35,6 +35,8 @@ class BGEM3:
       - max_length=1 keeps `<s></s>` (FlagEmbedding's tokenizer then silently skips truncation).
       - compute_score on an empty list returns the dict of empty lists; FlagEmbedding returns [].
       - colbert_score returns a numpy float32 scalar rather than a 0-d torch tensor.
+      - encode* take mcls_interval: the paper's multiple CLS for long texts (appendix B.2), which FlagEmbedding
+        does not implement (see encode).
     """
 
     def __init__(

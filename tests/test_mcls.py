@@ -97,7 +97,7 @@ def as_dicts(res: pipeline.EncodeResult) -> list[dict]:
 # ----------------------------------------------------------------------------------------------------- parity
 # (max_length, texts, CLS count of the first text, what the case is about): DOC has max_length - 2 text tokens.
 CASES = [
-    (512, SENTENCES, 1, "shorter than the interval: no <s> inserted"),
+    (512, SENTENCES[3:9], 1, "shorter than the interval: no <s> inserted"),
     (I + 2, [DOC], 1, "exactly one interval of text: no <s> inserted"),
     (I + 3, [DOC], 2, "one token past the interval: one <s> before a one-token block"),
     (3 * I + 2, [DOC], 3, "exactly three intervals: two inserted"),
