@@ -237,9 +237,10 @@ class BGEM3:
         ids, lengths, truncated = self.engine.tokenize(_check_texts(texts), max_length)
         return list(self.engine.batches(ids, batch_size=batch_size, mcls_interval=mcls_interval)), lengths, truncated
 
-    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
+    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS,
+                   mcls_interval: int | None = None):
         """The compiled encode step for one bucket shape [rows, length] (see Encoder.executable)."""
-        return self.engine.executable(length, rows, heads)
+        return self.engine.executable(length, rows, heads, mcls_interval)
 
     def _progress(self, n: int, batch_size: int, show: bool | None):
         show = self.show_progress if show is None else show

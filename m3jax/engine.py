@@ -197,7 +197,14 @@ class Encoder:
         """Token ids with MCLS's `<s>` inserted (m3jax.encode.insert_cls); unchanged for None."""
         if mcls_interval is None:
             return list(ids)
-        return [pipeline.insert_cls(x, mcls_interval, self.config.bos_token_id) for x in ids]
+        self.check_mcls(2, mcls_interval)
+        out = [pipeline.insert_cls(x, mcls_interval, self.config.bos_token_id) for x in ids]
+        limit = min(self.config.max_length, self.length_buckets[-1])
+        for i, x in enumerate(out):
+            if len(x) > limit:  # callers that tokenised past check_mcls's max_length
+                raise ValueError(f"ids[{i}]: {len(ids[i])} tokens, {len(x)} with MCLS's inserted <s>, more than "
+                                 f"the {limit} the model takes")
+        return out
 
     def plan(self, lengths: np.ndarray, *, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
         """(bucket length, rows, indices) per batch, longest first (see m3jax.encode.plan_batches); rows are a

@@ -169,6 +169,8 @@ def test_limits_and_bad_options(ours):
         enc.check_mcls(8162, 256)
     with pytest.raises(ValueError, match=r"max_length=8192 with mcls_interval=256: .*8223.* <= 8161"):
         ours.encode(["x"], max_length=8192, mcls_interval=256)
+    with pytest.raises(ValueError, match=r"ids\[1\]: 8190 tokens, 8221 with MCLS's inserted <s>, more than the 8192"):
+        enc.insert_cls([np.zeros(5, np.int32), np.zeros(8190, np.int32)], 256)
     for bad in (0, -3, True, 2.5, "256"):
         with pytest.raises(ValueError, match=r"mcls_interval must be a positive int"):
             ours.encode_padded(["x"], mcls_interval=bad)
