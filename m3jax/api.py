@@ -41,6 +41,8 @@ class BGEM3:
       - colbert_score returns a numpy float32 scalar (with torch's .numpy(), .cpu()) rather than a 0-d tensor.
       - `tokenizer` is m3jax's (transformers' calls clients make, no torch); `model` is a torch-like view over
         the NNX module (sizes, `.model.config`, `eval()`), which itself is `nnx_model`. See m3jax.hf_compat.
+      - encode* take mcls_interval: the paper's multiple CLS for long texts (appendix B.2), which FlagEmbedding
+        does not implement (see encode).
     """
 
     def __init__(
@@ -159,34 +161,57 @@ class BGEM3:
     # ---------------------------------------------------------------------------------------------- encode
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
-               return_colbert_vecs: bool | None = None, *, show_progress: bool | None = None, **kwargs) -> dict:
-        """FlagEmbedding's encode: {"dense_vecs", "lexical_weights", "colbert_vecs"}, None for heads not asked."""
+               return_colbert_vecs: bool | None = None, *, show_progress: bool | None = None,
+               mcls_interval: int | None = None, **kwargs) -> dict:
+        """FlagEmbedding's encode: {"dense_vecs", "lexical_weights", "colbert_vecs"}, None for heads not asked.
+
+        **kwargs: what FlagEmbedding would forward to its tokenizer; the few that change nothing are accepted (and
+        logged), any other raises TypeError (see m3jax.hf_compat.check_encode_kwargs).
+
+        mcls_interval: multiple CLS (MCLS, BGE-M3 paper appendix B.2; not in FlagEmbedding), for long documents
+        without fine-tuning. None (the default) is plain BGE-M3. With an interval I (the paper uses 256):
+          - each text is tokenised and truncated to max_length as usual, then a `<s>` is inserted before every
+            block of I text tokens after the first: `<s> t1 ... tI <s> tI+1 ... t2I <s> ... tn </s>`. The inserted
+            tokens do not count toward max_length; the longer sequence must still fit the model's position table
+            (8,192 tokens for BGE-M3), or a ValueError names the largest max_length that does (8,161 for I = 256).
+          - dense: the mean of the last hidden states at all `<s>` positions (then truncate_dim and normalisation,
+            as for CLS pooling); needs pooling_method "cls". A text of at most I tokens between `<s>` and `</s>`
+            gets no inserted token: its outputs are exactly the plain ones.
+          - sparse and ColBERT come from the same forward pass: the inserted `<s>` have special id 0 and are
+            dropped from the lexical weights like every special token, and their ColBERT vectors are dropped, so a
+            text keeps one vector per token after its first, as without MCLS. The other tokens' values do change
+            on longer texts (the inserted tokens take part in attention and shift the positions).
+          - EncodeResult.lengths and `m3jax embed`'s token counts stay the text's own tokens.
+        """
         hf_compat.check_encode_kwargs("encode", kwargs)
         return self._encode_flag(sentences, batch_size, max_length, self.passage_max_length, return_dense,
-                                 return_sparse, return_colbert_vecs, show_progress, None, "{}{}")
+                                 return_sparse, return_colbert_vecs, show_progress, None, "{}{}", mcls_interval)
 
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, return_dense: bool | None = None,
                        return_sparse: bool | None = None, return_colbert_vecs: bool | None = None, *,
-                       show_progress: bool | None = None, **kwargs) -> dict:
+                       show_progress: bool | None = None, mcls_interval: int | None = None,
+                       **kwargs) -> dict:
         """encode() with query_max_length and the query instruction, if any."""
         hf_compat.check_encode_kwargs("encode_queries", kwargs)
         return self._encode_flag(queries, batch_size, max_length, self.query_max_length, return_dense,
                                  return_sparse, return_colbert_vecs, show_progress,
-                                 self.query_instruction_for_retrieval, self.query_instruction_format)
+                                 self.query_instruction_for_retrieval, self.query_instruction_format, mcls_interval)
 
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
                       max_length: int | None = None, return_dense: bool | None = None,
                       return_sparse: bool | None = None, return_colbert_vecs: bool | None = None, *,
-                      show_progress: bool | None = None, **kwargs) -> dict:
+                      show_progress: bool | None = None, mcls_interval: int | None = None,
+                      **kwargs) -> dict:
         """encode() with passage_max_length and the passage instruction, if any."""
         hf_compat.check_encode_kwargs("encode_corpus", kwargs)
         return self._encode_flag(corpus, batch_size, max_length, self.passage_max_length, return_dense,
                                  return_sparse, return_colbert_vecs, show_progress,
-                                 self.passage_instruction_for_retrieval, self.passage_instruction_format)
+                                 self.passage_instruction_for_retrieval, self.passage_instruction_format,
+                                 mcls_interval)
 
     def _encode_flag(self, sentences, batch_size, max_length, default_max_length, return_dense, return_sparse,
-                     return_colbert_vecs, show_progress, instruction, instruction_format) -> dict:
+                     return_colbert_vecs, show_progress, instruction, instruction_format, mcls_interval) -> dict:
         max_length = default_max_length if max_length is None else max_length
         single = isinstance(sentences, str)
         texts = [sentences] if single else sentences
@@ -196,7 +221,7 @@ class BGEM3:
             texts = [fmt.format(instruction, t) for t in texts]
         heads = self._heads(return_dense, return_sparse, return_colbert_vecs)
         res = self.encode_padded(texts, batch_size=batch_size, max_length=max_length, heads=heads,
-                                 show_progress=show_progress)
+                                 show_progress=show_progress, mcls_interval=mcls_interval)
         out = {
             "dense_vecs": res.dense if "dense" in heads else None,
             "lexical_weights": res.lexical_dicts() if "sparse" in heads else None,
@@ -217,28 +242,31 @@ class BGEM3:
 
     def encode_padded(self, sentences: Sequence[str], *, batch_size: int | None = None,
                       max_length: int | None = None, heads: Sequence[str] = pipeline.HEADS,
-                      show_progress: bool | None = None) -> pipeline.EncodeResult:
-        """The JAX-native encode: outputs in input order (see EncodeResult for the vector-store formats)."""
+                      show_progress: bool | None = None, mcls_interval: int | None = None) -> pipeline.EncodeResult:
+        """The JAX-native encode: outputs in input order (see EncodeResult for the vector-store formats).
+        mcls_interval: multiple CLS, see encode()."""
         texts = _check_texts(sentences)
         batch_size = self.batch_size if batch_size is None else batch_size
         max_length = self.passage_max_length if max_length is None else max_length
         progress = self._progress(len(texts), batch_size, show_progress)
         try:
             return self.engine.encode(texts, batch_size=batch_size, max_length=max_length, heads=heads,
-                                      progress=progress)
+                                      progress=progress, mcls_interval=mcls_interval)
         finally:
             if progress is not None:
                 progress.close()
 
-    def batches(self, texts: Sequence[str], *, batch_size: int, max_length: int
+    def batches(self, texts: Sequence[str], *, batch_size: int, max_length: int, mcls_interval: int | None = None
                 ) -> tuple[list[pipeline.Batch], np.ndarray, np.ndarray]:
         """The padded batches encode_padded runs: (batches, lengths [N], truncated [N])."""
+        self.engine.check_mcls(max_length, mcls_interval)
         ids, lengths, truncated = self.engine.tokenize(_check_texts(texts), max_length)
-        return list(self.engine.batches(ids, batch_size=batch_size)), lengths, truncated
+        return list(self.engine.batches(ids, batch_size=batch_size, mcls_interval=mcls_interval)), lengths, truncated
 
-    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
+    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS,
+                   mcls_interval: int | None = None):
         """The compiled encode step for one bucket shape [rows, length] (see Encoder.executable)."""
-        return self.engine.executable(length, rows, heads)
+        return self.engine.executable(length, rows, heads, mcls_interval)
 
     def _progress(self, n: int, batch_size: int, show: bool | None):
         show = self.show_progress if show is None else show

@@ -97,8 +97,8 @@ def embed(args) -> int:
                      id_field=args.id_field, shard_size=args.shard_size, window=args.window,
                      window_tokens=args.window_tokens, dense_dtype=args.dense_dtype,
                      colbert_dtype=args.colbert_dtype, dtype=args.dtype, attn_impl=args.attn_impl,
-                     coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id,
-                     quiet=args.quiet)
+                     mcls_interval=args.mcls_interval, coordinator=args.coordinator,
+                     num_processes=args.num_processes, process_id=args.process_id, quiet=args.quiet)
     except (EmbedError, InputError, ValueError) as e:
         print(f"m3jax embed: error: {e}", file=sys.stderr)
         return 2
@@ -201,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--colbert-dtype", default="float16", choices=["float32", "float16"])
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     m.add_argument("--attn-impl", default="auto")
+    m.add_argument("--mcls-interval", type=int, default=None, metavar="N",
+                   help="multiple CLS for long texts: a <s> every N text tokens (the paper: 256), dense = mean of "
+                        "their hidden states; inserted tokens do not count toward --max-length (default: off)")
     m.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host runs)")
     m.add_argument("--num-processes", type=int, default=None)
     m.add_argument("--process-id", type=int, default=None)

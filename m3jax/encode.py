@@ -46,6 +46,7 @@ class Batch:
     indices: np.ndarray  # [b] positions in the input list (b <= rows)
     input_ids: np.ndarray  # [rows, L] int32, right-padded with pad id; empty rows are all padding but <s></s>
     attention_mask: np.ndarray  # [rows, L] int32
+    mcls_interval: int | None = None  # the rows hold insert_cls layouts of this interval (MCLS); None: plain
 
 
 def row_bucket(k: int, rows: int) -> int:
@@ -84,7 +85,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def make_batch(ids: Sequence[np.ndarray], indices: np.ndarray, L: int, rows: int, pad_id: int,
-               bos_id: int, eos_id: int) -> Batch:
+               bos_id: int, eos_id: int, mcls_interval: int | None = None) -> Batch:
     input_ids = np.full((rows, L), pad_id, dtype=np.int32)
     input_ids[:, 0], input_ids[:, 1] = bos_id, eos_id  # filler rows: a valid empty text, so no row is all-masked
     mask = np.zeros((rows, L), dtype=np.int32)
@@ -93,7 +94,42 @@ def make_batch(ids: Sequence[np.ndarray], indices: np.ndarray, L: int, rows: int
         input_ids[r, :n], input_ids[r, n:] = ids[i], pad_id
         mask[r, :n] = 1
     mask[len(indices):, :2] = 1
-    return Batch(indices, input_ids, mask)
+    return Batch(indices, input_ids, mask, mcls_interval)
+
+
+# ---------------------------------------------------------------------------------------------------- MCLS
+# Multiple CLS (BGE-M3 paper, appendix B.2): for long texts, a `<s>` every `interval` text tokens; the dense vector
+# is the mean of the last hidden states at all of them. The layout is a function of the text's length alone, so
+# the host inserts the ids (insert_cls) and the device step rebuilds the positions from the attention mask
+# (mcls_positions): nothing but the interval travels with a batch.
+def mcls_length(n: int, interval: int) -> int:
+    """Length of an n-token text (`<s>` and `</s>` counted) after insert_cls."""
+    return n + max(0, -(-(n - 2) // interval) - 1)
+
+
+def insert_cls(ids: np.ndarray, interval: int, cls_id: int) -> np.ndarray:
+    """`<s> t1 ... tn </s>` -> `<s> t1 ... tI <s> tI+1 ... t2I <s> ... tn </s>` (I = interval): a `<s>` before
+    every block of I text tokens after the first, so the k-th `<s>` sits at position k * (I + 1). A text of at most
+    I tokens between `<s>` and `</s>` is returned unchanged."""
+    extra = mcls_length(len(ids), interval) - len(ids)
+    return np.insert(ids, 1 + interval * np.arange(1, extra + 1), cls_id).astype(ids.dtype) if extra else ids
+
+
+def mcls_positions(attention_mask: jax.Array, interval: int) -> tuple[jax.Array, jax.Array]:
+    """(cls [B, T] bool, inserted [B, T] bool) of right-padded insert_cls rows: the CLS positions are 0 and every
+    multiple of interval + 1 before the row's final `</s>`; inserted = cls without position 0."""
+    pos = jnp.arange(attention_mask.shape[1])[None, :]
+    n = attention_mask.astype(jnp.int32).sum(1, keepdims=True)
+    inserted = (pos > 0) & (pos % (interval + 1) == 0) & (pos < n - 1)
+    return inserted | (pos == 0), inserted
+
+
+def drop_positions(x: jax.Array, drop: jax.Array) -> jax.Array:
+    """x [B, S, C] with the rows' `drop` [B, S] positions removed, the rest shifted left in order, zero filled."""
+    order = jnp.argsort(drop.astype(jnp.int32), axis=1, stable=True)  # kept first, each part in position order
+    kept = jnp.take_along_axis(x, order[..., None], axis=1)
+    left = x.shape[1] - drop.sum(1, keepdims=True)
+    return jnp.where((jnp.arange(x.shape[1])[None, :] < left)[..., None], kept, 0.0)
 
 
 def aggregate_sparse(input_ids: jax.Array, weights: jax.Array, attention_mask: jax.Array,
@@ -141,18 +177,29 @@ class EncodeOutputs(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "attn_impl", "pooling", "normalize",
-                                             "truncate_dim", "special_ids"))
+                                             "truncate_dim", "special_ids", "mcls_interval"))
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
                 heads: tuple[str, ...], attn_impl: str = "auto", pooling: str = "cls", normalize: bool = True,
-                truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3)) -> EncodeOutputs:
-    """One padded batch through the model; returns only the requested heads (XLA prunes the rest)."""
+                truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3),
+                mcls_interval: int | None = None) -> EncodeOutputs:
+    """One padded batch through the model; returns only the requested heads (XLA prunes the rest).
+
+    mcls_interval: the rows are insert_cls layouts of this interval. Dense is then the mean of the hidden states at
+    every CLS position; sparse drops the inserted `<s>` as every special id; ColBERT drops the inserted positions,
+    so a row keeps one vector per token of its text ([B, T-1, C], the removed ones moved out as zero padding).
+    """
+    cls = inserted = None
+    if mcls_interval is not None:
+        cls, inserted = mcls_positions(attention_mask, mcls_interval)
     out = nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl, pooling=pooling,
-                                     normalize=normalize, truncate_dim=truncate_dim)
-    ids = weights = None
+                                     normalize=normalize, truncate_dim=truncate_dim, cls_mask=cls)
+    ids = weights = colbert = None
     if "sparse" in heads:
         ids, weights = aggregate_sparse(input_ids, out.sparse, attention_mask, special_ids)
+    if "colbert" in heads:
+        colbert = out.colbert if inserted is None else drop_positions(out.colbert, inserted[:, 1:])
     return EncodeOutputs(dense=out.dense if "dense" in heads else None, sparse_ids=ids, sparse_weights=weights,
-                         colbert=out.colbert if "colbert" in heads else None)
+                         colbert=colbert)
 
 
 @dataclasses.dataclass

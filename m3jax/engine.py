@@ -117,7 +117,8 @@ class Encoder:
             self.row_sharding = None
             self.state = jax.device_put(state, self.devices[0])
         self._compiled: dict = {}
-        self.compile_seconds: dict[tuple, float] = {}  # (length, rows, heads) -> seconds to compile or fetch
+        # (length, rows, heads), or (length, rows, heads, mcls_interval) with MCLS -> seconds to compile or fetch
+        self.compile_seconds: dict[tuple, float] = {}
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, cache_dir: str | None = None,
@@ -155,9 +156,7 @@ class Encoder:
     # --------------------------------------------------------------------------------------------- planning
     def tokenize(self, texts: Sequence[str], max_length: int) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
         """(ids per text, lengths [N], truncated [N]); logs a warning naming the first truncated text."""
-        limit = self.config.max_length
-        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
-            raise ValueError(f"max_length must be an int in 1 ... {limit}, got {max_length!r}")
+        self.check_max_length(max_length)
         ids, truncated = self.tokenizer.encode(list(texts), max_length)
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         if truncated.any():
@@ -165,6 +164,47 @@ class Encoder:
                            "EncodeResult.truncated lists them", int(truncated.sum()), len(texts), max_length,
                            int(np.argmax(truncated)))
         return ids, lengths, truncated
+
+    def check_max_length(self, max_length: int) -> None:
+        """max_length counts a text's tokens with `<s>` and `</s>`, up to the model's position table."""
+        limit = self.config.max_length
+        if isinstance(max_length, bool) or not isinstance(max_length, int) or not 1 <= max_length <= limit:
+            raise ValueError(f"max_length must be an int in 1 ... {limit}, got {max_length!r}")
+
+    def check_mcls(self, max_length: int, mcls_interval: int | None) -> None:
+        """Rejects an MCLS interval that is not a positive int, pooling other than "cls", or a max_length whose
+        texts would no longer fit the position table (or the longest bucket) once their `<s>` are inserted: the
+        inserted tokens do not count toward max_length, so the rule is fixed by the settings, never by the data."""
+        self.check_max_length(max_length)
+        if mcls_interval is None:
+            return
+        if isinstance(mcls_interval, bool) or not isinstance(mcls_interval, int) or mcls_interval < 1:
+            raise ValueError(f"mcls_interval must be a positive int (text tokens per CLS) or None, got "
+                             f"{mcls_interval!r}")
+        if self.pooling != "cls":
+            raise ValueError(f"mcls_interval averages CLS states; it needs pooling 'cls', this model pools "
+                             f"{self.pooling!r}")
+        limit = min(self.config.max_length, self.length_buckets[-1])
+        if pipeline.mcls_length(max(max_length, 2), mcls_interval) > limit:
+            fits = limit
+            while pipeline.mcls_length(fits, mcls_interval) > limit:
+                fits -= 1
+            raise ValueError(f"max_length={max_length} with mcls_interval={mcls_interval}: a text truncated to "
+                             f"{max_length} tokens has {pipeline.mcls_length(max_length, mcls_interval)} with its "
+                             f"inserted <s>, more than the {limit} the model takes; use max_length <= {fits}")
+
+    def insert_cls(self, ids: Sequence[np.ndarray], mcls_interval: int | None) -> list[np.ndarray]:
+        """Token ids with MCLS's `<s>` inserted (m3jax.encode.insert_cls); unchanged for None."""
+        if mcls_interval is None:
+            return list(ids)
+        self.check_mcls(2, mcls_interval)
+        out = [pipeline.insert_cls(x, mcls_interval, self.config.bos_token_id) for x in ids]
+        limit = min(self.config.max_length, self.length_buckets[-1])
+        for i, x in enumerate(out):
+            if len(x) > limit:  # callers that tokenised past check_mcls's max_length
+                raise ValueError(f"ids[{i}]: {len(ids[i])} tokens, {len(x)} with MCLS's inserted <s>, more than "
+                                 f"the {limit} the model takes")
+        return out
 
     def plan(self, lengths: np.ndarray, *, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
         """(bucket length, rows, indices) per batch, longest first (see m3jax.encode.plan_batches); rows are a
@@ -176,27 +216,34 @@ class Encoder:
                                      max_tokens=self.max_tokens_per_batch, row_multiple=ndev,
                                      buckets=self.length_buckets)
 
-    def make_batches(self, ids: Sequence[np.ndarray], plan: Iterable[tuple[int, int, np.ndarray]]
-                     ) -> list[pipeline.Batch]:
-        """The padded batches of a plan (from Encoder.plan) over token ids."""
+    def make_batches(self, ids: Sequence[np.ndarray], plan: Iterable[tuple[int, int, np.ndarray]],
+                     mcls_interval: int | None = None) -> list[pipeline.Batch]:
+        """The padded batches of a plan (from Encoder.plan) over token ids (insert_cls's, with mcls_interval)."""
         cfg = self.config
-        return [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id)
-                for L, rows, idx in plan]
+        return [pipeline.make_batch(ids, idx, L, rows, cfg.pad_token_id, cfg.bos_token_id, cfg.eos_token_id,
+                                    mcls_interval) for L, rows, idx in plan]
 
-    def batches(self, ids: Sequence[np.ndarray], *, batch_size: int) -> Iterator[pipeline.Batch]:
-        """The padded batches for token ids, built lazily in plan order."""
+    def batches(self, ids: Sequence[np.ndarray], *, batch_size: int, mcls_interval: int | None = None
+                ) -> Iterator[pipeline.Batch]:
+        """The padded batches for token ids (MCLS's `<s>` inserted here), built lazily in plan order."""
+        ids = self.insert_cls(ids, mcls_interval)
         lengths = np.array([len(x) for x in ids], dtype=np.int64)
         for step in self.plan(lengths, batch_size=batch_size):
-            yield from self.make_batches(ids, [step])
+            yield from self.make_batches(ids, [step], mcls_interval)
 
     # ------------------------------------------------------------------------------------------------ run
-    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS):
-        """The compiled encode step for one bucket shape [rows, length], compiled ahead of time on first use (or
-        fetched from the persistent compilation cache); `compile_seconds` records how long each took."""
+    def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS,
+                   mcls_interval: int | None = None):
+        """The compiled encode step for one bucket shape [rows, length] (of MCLS rows with mcls_interval), compiled
+        ahead of time on first use (or fetched from the persistent compilation cache); `compile_seconds` records
+        how long each took."""
         heads = tuple(h for h in pipeline.HEADS if h in heads)
         static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling, normalize=self.normalize,
                       truncate_dim=self.truncate_dim, special_ids=self.config.special_ids)
         key = (length, rows, heads)
+        if mcls_interval is not None:  # the plain step keeps its key and its executable, exactly as without MCLS
+            static["mcls_interval"] = mcls_interval
+            key = (*key, mcls_interval)
         exe = self._compiled.get(key)
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
@@ -211,7 +258,7 @@ class Encoder:
         ids, mask = batch.input_ids, batch.attention_mask
         if self.row_sharding is not None:
             ids, mask = jax.device_put((ids, mask), self.row_sharding)
-        return self.executable(ids.shape[1], ids.shape[0], heads)(self.state, ids, mask)
+        return self.executable(ids.shape[1], ids.shape[0], heads, batch.mcls_interval)(self.state, ids, mask)
 
     def run(self, batches: Iterable[pipeline.Batch], heads: Sequence[str] = pipeline.HEADS
             ) -> Iterator[tuple[pipeline.Batch, pipeline.EncodeOutputs]]:
@@ -228,12 +275,16 @@ class Encoder:
             yield _fetch(*pending)
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 256, max_length: int = 512,
-               heads: Sequence[str] = pipeline.HEADS, progress: Any = None) -> pipeline.EncodeResult:
-        """Encodes texts into one EncodeResult in input order. progress: anything with update(n), or None."""
+               heads: Sequence[str] = pipeline.HEADS, progress: Any = None, mcls_interval: int | None = None
+               ) -> pipeline.EncodeResult:
+        """Encodes texts into one EncodeResult in input order. progress: anything with update(n), or None.
+        mcls_interval: multiple CLS (see BGEM3.encode); lengths and ColBERT rows then count the text's own tokens."""
         heads = _check_heads(heads)
+        self.check_mcls(max_length, mcls_interval)
         ids, lengths, truncated = self.tokenize(texts, max_length)
-        return pipeline.collect(self.run(self.batches(ids, batch_size=batch_size), heads), len(ids), lengths,
-                                truncated, heads, self.output_dims(), self.config.vocab_size, progress)
+        batches = self.batches(ids, batch_size=batch_size, mcls_interval=mcls_interval)
+        return pipeline.collect(self.run(batches, heads), len(ids), lengths, truncated, heads, self.output_dims(),
+                                self.config.vocab_size, progress)
 
 
 def _check_heads(heads: Sequence[str]) -> tuple[str, ...]:

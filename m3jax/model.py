@@ -192,7 +192,7 @@ class BGEM3Model(nnx.Module):
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto",
                  pooling: str = "cls", normalize: bool = True, truncate_dim: int | None = None,
-                 dropout_rng: jax.Array | None = None) -> ModelOutputs:
+                 dropout_rng: jax.Array | None = None, cls_mask: jax.Array | None = None) -> ModelOutputs:
         """Runs the encoder and all three heads.
 
         Args:
@@ -203,15 +203,22 @@ class BGEM3Model(nnx.Module):
           normalize: L2-normalise dense and ColBERT vectors (FlagEmbedding's normalize_embeddings).
           truncate_dim: keep only the first dims of dense and ColBERT vectors, before normalising.
           dropout_rng: a PRNG key turns on dropout at the config's rates (training); None (inference) is exact.
+          cls_mask: [B, T] bool, multiple CLS (MCLS, see m3jax.encode.insert_cls): dense is the mean of the hidden
+            states at the marked positions instead of position 0's. Only with pooling "cls".
         Returns ModelOutputs.
         """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
+        if cls_mask is not None and pooling != "cls":
+            raise ValueError(f"cls_mask (MCLS) pools CLS positions; it needs pooling='cls', got {pooling!r}")
         mask = attention_mask.astype(bool)
         r = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
         h = self.encoder(self.embeddings(input_ids, r[0]), mask, attn_impl, r[1])
         hc = h.astype(self.dtype)
-        if pooling == "cls":
+        if cls_mask is not None:
+            w = cls_mask.astype(jnp.float32)[..., None]
+            dense = (h * w).sum(1) / w.sum(1)
+        elif pooling == "cls":
             dense = h[:, 0]
         else:
             dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)

@@ -47,3 +47,58 @@ def test_evaluate_notebook_runs(tmp_path, monkeypatch):
         assert f"nDCG@10     {values['ndcg@10']:.4f}" in text
     for png in ("metrics.png", "scores.png"):
         assert (tmp_path / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_embed_notebook_runs(tmp_path, monkeypatch):
+    import json
+
+    import numpy as np
+
+    from m3jax.embed import EmbeddingReader
+
+    monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
+    monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(ROOT / "colab" / "embed.ipynb", as_version=4)
+    assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
+    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "m3jax is already installed: not installing" in text and "runtime: " in text
+    assert "RANDOM WEIGHTS of the tiny architecture" in text
+    # The job's output, read back here: one row per corpus line, in input order, under the corpus ids.
+    corpus = [json.loads(line) for p in sorted((tmp_path / "corpus").glob("*.jsonl"))
+              for line in p.read_text(encoding="utf-8").splitlines()]
+    r = EmbeddingReader(tmp_path / "embeddings")
+    ids = [c["id"] for c in corpus]
+    assert len(corpus) == len(r) == 21 and r.ids().tolist() == ids
+    assert f"21 rows, {r.manifest['tokens']} tokens, 1 truncated, 3 shards" in text
+    assert "rerun: shards [0, 1, 2] were already complete and skipped" in text
+    dense = r.dense()
+    np.testing.assert_array_equal(np.load(tmp_path / "dense.npy"), dense)
+    assert f"sparse:  CSR (21, 250002) float32, {r.sparse_csr().nnz} nonzeros" in text
+    # Every mode returned k corpus ids per query; the dense scores are the stored vectors' dot products with the
+    # same model's query vectors, recomputed here.
+    saved = json.loads((tmp_path / "search-results.json").read_text())
+    assert list(saved["results"]) == ["dense", "sparse", "colbert", "hybrid"]
+    for res in saved["results"].values():
+        assert len(res["ids"]) == len(saved["queries"]) == 4
+        assert all(len(row) == 3 and set(row) <= set(ids) for row in res["ids"])
+    from m3jax import Encoder
+    from m3jax.random_weights import random_m3jax_dir
+
+    q = Encoder.from_pretrained(random_m3jax_dir("tiny")).encode(saved["queries"], max_length=64, heads=("dense",))
+    scores = q.dense @ dense.T
+    got = saved["results"]["dense"]
+    pos = np.array([[ids.index(i) for i in row] for row in got["ids"]])
+    np.testing.assert_allclose(got["scores"], np.take_along_axis(scores, pos, 1), atol=1e-5)
+    np.testing.assert_allclose(got["scores"], -np.sort(-scores, axis=1)[:, :3], atol=1e-5)
+    # MCLS: the interval is recorded; only the long document's vector changes.
+    mcls = EmbeddingReader(tmp_path / "embeddings-mcls")
+    assert mcls.manifest["settings"]["mcls_interval"] == 256
+    long = r.lengths() > 258
+    assert long.sum() == 1 and "20 passages of at most 256 text tokens" in text
+    assert np.abs(mcls.dense()[long] - dense[long]).max() > 1e-3
+    assert np.abs(mcls.dense()[~long] - dense[~long]).max() <= 1e-6

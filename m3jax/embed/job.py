@@ -57,6 +57,7 @@ class Settings:
     id_field: str | None = None
     dtype: str = "float32"
     attn_impl: str = "auto"
+    mcls_interval: int | None = None
 
     def check(self, max_length_limit: int | None) -> None:
         if not self.outputs or set(self.outputs) - set(pipeline.HEADS):
@@ -71,6 +72,9 @@ class Settings:
         for name in ("dense_dtype", "colbert_dtype"):
             if getattr(self, name) not in ("float32", "float16"):
                 raise ValueError(f"{name} must be 'float32' or 'float16', got {getattr(self, name)!r}")
+        m = self.mcls_interval
+        if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
+            raise ValueError(f"mcls_interval must be a positive int or None, got {m!r}")
 
 
 def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, output: str | os.PathLike, *,
@@ -78,7 +82,8 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
           shard_size: int = 10_000, window: int = 4096, window_tokens: int = 1 << 20, dense_dtype: str = "float32",
           colbert_dtype: str = "float16", text_field: str = "text", id_field: str | None = None,
           dtype: str = "float32", attn_impl: str = "auto", max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
-          length_buckets: Sequence[int] | None = None, devices: Any = None, coordinator: str | None = None,
+          length_buckets: Sequence[int] | None = None, mcls_interval: int | None = None, devices: Any = None,
+          coordinator: str | None = None,
           num_processes: int | None = None, process_id: int | None = None, quiet: bool = False,
           callback: Callable[[dict], None] | None = None) -> dict:
     """Embeds a corpus into `output` (a local path or fsspec URL) and returns the manifest.
@@ -93,6 +98,9 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
       shard_size: input rows per shard file. window / window_tokens: the rows sorted and batched together (memory
         is bounded by a window's outputs: window_tokens x ColBERT dim).
       dense_dtype / colbert_dtype: "float32" or "float16" in the files (sparse weights are always float32).
+      mcls_interval: multiple CLS, a `<s>` every that many text tokens, dense = mean of their hidden states (see
+        m3jax.BGEM3.encode for what it does to max_length, sparse and ColBERT); the `tokens` column still counts
+        each text's own tokens. None: plain BGE-M3.
       coordinator, num_processes, process_id: multi-host run over jax.distributed (see m3jax.embed.distributed).
       callback: called in the main thread after each window is written, with {"shard", "rows", "shard_done"}.
     """
@@ -103,7 +111,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
                         length_buckets=tuple(int(b) for b in length_buckets) if length_buckets else None,
                         shard_size=shard_size, window=window, window_tokens=window_tokens, dense_dtype=dense_dtype,
                         colbert_dtype=colbert_dtype, text_field=text_field, id_field=id_field, dtype=dtype,
-                        attn_impl=attn_impl)
+                        attn_impl=attn_impl, mcls_interval=mcls_interval)
     if set(outputs) - set(pipeline.HEADS):
         raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {tuple(outputs)!r}")
     settings.check(None)
@@ -121,10 +129,14 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     encoder = model if isinstance(model, Encoder) else _encoder(model, settings, devices)
     cfg = encoder.config
     settings.check(cfg.max_length)  # now that the model's limit is known
+    encoder.check_mcls(settings.max_length, settings.mcls_interval)
     dims = {"dense": cfg.hidden_size, "colbert": cfg.colbert_dim}
+    recorded = dataclasses.asdict(settings)
+    if recorded["mcls_interval"] is None:  # plain runs keep the job key they had before MCLS existed
+        del recorded["mcls_interval"]
     job = {"format": writer.FORMAT, "version": writer.VERSION,
            "model": {"fingerprint": encoder.fingerprint(), "config": cfg.to_hf_config()},
-           "settings": dataclasses.asdict(settings),
+           "settings": recorded,
            "input": {"files": [{"path": f["path"], "size": f["size"]} for f in inputs]} if inputs is not None
            else {"iterable": True}}
     job = json.loads(json.dumps(job))  # tuples as lists, as they read back
@@ -329,7 +341,8 @@ def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, 
                 chunk = rows.take(want)
                 if chunk:
                     yield from plan_windows(encoder, k, start + taken, chunk, max_length=settings.max_length,
-                                            batch_size=settings.batch_size, window_tokens=settings.window_tokens)
+                                            batch_size=settings.batch_size, window_tokens=settings.window_tokens,
+                                            mcls_interval=settings.mcls_interval)
                 taken += len(chunk)
                 if len(chunk) < want:
                     break

@@ -18,7 +18,7 @@ class Window:
     shard: int
     start: int  # input position of the first row
     ids: list[str]  # [n] row ids
-    lengths: np.ndarray  # [n] int64 token counts
+    lengths: np.ndarray  # [n] int64 token counts (the texts' own: without MCLS's inserted <s>)
     truncated: np.ndarray  # [n] bool
     empty: int  # rows whose text is ""
     batches: list  # m3jax.encode.Batch, indices into this window
@@ -51,17 +51,20 @@ def split_by_tokens(lengths: np.ndarray, window_tokens: int) -> list[tuple[int, 
 
 
 def plan_windows(encoder, shard: int, start: int, rows: list, *, max_length: int, batch_size: int,
-                 window_tokens: int) -> list[Window]:
-    """Tokenises up to `window` rows and cuts them into token-bounded windows with their batches."""
+                 window_tokens: int, mcls_interval: int | None = None) -> list[Window]:
+    """Tokenises up to `window` rows and cuts them into token-bounded windows with their batches (of
+    insert_cls layouts with mcls_interval: planned on their lengths, inserted tokens included)."""
     token_ids, truncated = encoder.tokenizer.encode([t for _, t in rows], max_length)
     lengths = np.array([len(x) for x in token_ids], dtype=np.int64)
+    token_ids = encoder.insert_cls(token_ids, mcls_interval)
+    padded = np.array([len(x) for x in token_ids], dtype=np.int64)
     out = []
-    for a, b in split_by_tokens(lengths, window_tokens):
-        plan = encoder.plan(lengths[a:b], batch_size=batch_size)
+    for a, b in split_by_tokens(padded, window_tokens):
+        plan = encoder.plan(padded[a:b], batch_size=batch_size)
         ids = [str(start + a + i) if rid is None else rid for i, (rid, _) in enumerate(rows[a:b])]
         out.append(Window(shard=shard, start=start + a, ids=ids, lengths=lengths[a:b], truncated=truncated[a:b],
                           empty=sum(1 for _, t in rows[a:b] if not t),
-                          batches=encoder.make_batches(token_ids[a:b], plan)))
+                          batches=encoder.make_batches(token_ids[a:b], plan, mcls_interval)))
     return out
 
 
