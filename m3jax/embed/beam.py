@@ -6,7 +6,7 @@ Needs the `beam` extra (`pip install 'm3jax[beam]'`).
     from m3jax.embed.beam import M3EmbedHandler, to_parquet_row
 
     handler = M3EmbedHandler("BAAI/bge-m3", max_length=512)
-    (p | beam.io.ReadFromText("gs://bucket/corpus.txt") | beam.Map(lambda t: (hashlib.sha1(...).hexdigest(), t))
+    (p | beam.io.ReadFromText("gs://bucket/corpus.tsv") | beam.Map(lambda line: tuple(line.split("\t", 1)))
        | RunInference(handler) | beam.Map(to_parquet_row)
        | beam.io.WriteToParquet("gs://bucket/emb/part", handler.parquet_schema()))
 
