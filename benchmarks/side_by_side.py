@@ -4,13 +4,16 @@
     python benchmarks/side_by_side.py                       # passages (32 x 64-512 tokens) and long (7,943 + 4,181)
     python benchmarks/side_by_side.py --workload passages --engines m3jax,flag,ort,m3jax-bf16
 
-Each engine runs in its own process, one at a time, so peak RSS is its own. All compute all three outputs
-(dense, lexical weights, ColBERT vectors) in float32 unless named -bf16. Figures:
+Each engine runs in its own process, one at a time, so peak RSS is its own; engines are alternated and the whole
+round repeated (--repeats, default 3), and every figure is reported as the median with its spread (min-max): a
+single run varies by +-30% on a shared 2-core machine. All compute all three outputs (dense, lexical weights,
+ColBERT vectors) in float32 unless named -bf16. Figures:
   end to end   what a user sees for encode() in a fresh process: tokenise, batch, forward, build outputs
                (m3jax: first call includes compiling or loading from the persistent cache; FlagEmbedding: includes
                its batch-size probe, a repeated forward of the longest batch);
   steady       a second encode() of the same texts in the same process;
-  forward      model forward passes only, on the batches the engine forms.
+  forward      model forward passes only, on the batches the engine forms (FlagEmbedding: its own length-sorted
+               batches, without the probe), with the same clock around the same loop for every engine.
 ONNX Runtime is skipped for the long workload by default: the reference measured a 23.7 GB peak there (unfused
 [16, L, L] float32 attention), more than a 24 GB machine can spare.
 """
@@ -260,31 +263,49 @@ def _sparse_dense(d) -> np.ndarray:
     return out
 
 
+def _stats(values: list[float]) -> tuple[float, float, float]:
+    return float(np.median(values)), float(min(values)), float(max(values))
+
+
 def report(results: list[dict]) -> str:
+    """Per workload and engine: median tokens/s (min-max over the repeats) and ratios of medians."""
     lines = []
     for w in dict.fromkeys(r["workload"] for r in results):
-        rows = {r["engine"]: r for r in results if r["workload"] == w}
-        any_r = next(iter(rows.values()))
-        lines.append(f"\n{w}: {any_r['texts']} texts, {any_r['tokens']} tokens, batch {BATCH[w]}, all three outputs")
-        lines.append(f"  {'engine':<11}{'end-to-end':>12}{'steady':>10}{'forward':>10}{'peak RSS':>10}   tokens/s")
-        for name, r in rows.items():
-            first, steady, fwd = (f"{r['tokens'] / r[k]:.1f}" if r.get(k) else "-"
-                                  for k in ("first_s", "steady_s", "forward_s"))
-            lines.append(f"  {name:<11}{first:>12}{steady:>10}{fwd:>10}{r['peak_rss_gb']:>9.2f}G")
+        runs: dict[str, list[dict]] = {}
+        for r in results:
+            if r["workload"] == w:
+                runs.setdefault(r["engine"], []).append(r)
+        any_r = next(iter(runs.values()))[0]
+        lines.append(f"\n{w}: {any_r['texts']} texts, {any_r['tokens']} tokens, batch {BATCH[w]}, all three outputs; "
+                     "tokens/s as median (min-max) over the runs")
+        lines.append(f"  {'engine':<11}{'runs':>5}{'end-to-end':>24}{'steady':>24}{'forward':>24}{'peak RSS':>10}")
+        med = {}
+        for name, rs in runs.items():
+            cells = []
+            for k in ("first_s", "steady_s", "forward_s"):
+                vals = [r["tokens"] / r[k] for r in rs if r.get(k)]
+                if vals:
+                    m, lo, hi = _stats(vals)
+                    med[name, k] = m
+                    cells.append(f"{m:.1f} ({lo:.1f}-{hi:.1f})")
+                else:
+                    cells.append("-")
+            rss = _stats([r["peak_rss_gb"] for r in rs])[0]
+            med[name, "rss"] = rss
+            lines.append(f"  {name:<11}{len(rs):>5}" + "".join(f"{c:>24}" for c in cells) + f"{rss:>9.2f}G")
         for ours in ("m3jax", "m3jax-warm"):
             for base in ("flag", "ort"):
-                if ours in rows and base in rows:
-                    m, o = rows[ours], rows[base]
-                    ratios = [f"{k.removesuffix('_s')} {o[k] / m[k]:.2f}x" for k in ("first_s", "steady_s", "forward_s")
-                              if m.get(k) and o.get(k)]
-                    lines.append(f"  {ours} / {base}: " + ", ".join(ratios)
-                                 + f"; peak RSS {m['peak_rss_gb'] / o['peak_rss_gb']:.2f}x")
+                if ours in runs and base in runs:
+                    ratios = [f"{k.removesuffix('_s')} {med[ours, k] / med[base, k]:.2f}x"
+                              for k in ("first_s", "steady_s", "forward_s") if (ours, k) in med and (base, k) in med]
+                    lines.append(f"  {ours} / {base} (ratio of median tokens/s): " + ", ".join(ratios)
+                                 + f"; peak RSS {med[ours, 'rss'] / med[base, 'rss']:.2f}x")
         for name in ("m3jax", "m3jax-warm"):
-            if name in rows:
-                lines.append(f"  {name} compile per bucket (s): {rows[name]['compile_s']}")
-        if "m3jax-bf16" in rows and "m3jax" in rows:
-            speed = rows["m3jax"]["forward_s"] / rows["m3jax-bf16"]["forward_s"]
-            lines.append(f"  bf16 / f32 m3jax speed: forward {speed:.2f}x")
+            if name in runs:
+                lines.append(f"  {name} compile per bucket (s), last run: {runs[name][-1]['compile_s']}")
+        if ("m3jax-bf16", "forward_s") in med and ("m3jax", "forward_s") in med:
+            speed = med["m3jax-bf16", "forward_s"] / med["m3jax", "forward_s"]
+            lines.append(f"  bf16 / f32 m3jax forward: {speed:.2f}x")
     return "\n".join(lines)
 
 
@@ -296,6 +317,7 @@ def main():
     p.add_argument("--workdir", default=str(Path(os.environ.get("M3JAX_HOME", Path.home() / ".cache" / "m3jax"))
                                             / "side_by_side"))
     p.add_argument("--ort-long", action="store_true", help="also run ONNX Runtime on the long documents")
+    p.add_argument("--repeats", type=int, default=3, help="rounds; each round runs every engine once, in turn")
     p.add_argument("--run-engine", default=None, help=argparse.SUPPRESS)
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args()
@@ -307,19 +329,20 @@ def main():
     engines = args.engines.split(",")
     info = prepare(workdir, workloads, "ort" in engines)
     results = []
+    if "ort" in engines and "long" in workloads and not args.ort_long:
+        print("skipping ort on long: the reference measured a 23.7 GB peak (pass --ort-long to try)")
     for w in workloads:
-        for e in engines:
+        for rnd, e in ((rnd, e) for rnd in range(args.repeats) for e in engines):
             if e == "ort" and w == "long" and not args.ort_long:
-                print("skipping ort on long: the reference measured a 23.7 GB peak (pass --ort-long to try)")
                 continue
-            print(f"running {e} on {w} ...", flush=True)
+            print(f"round {rnd + 1}/{args.repeats}: running {e} on {w} ...", flush=True)
             r = subprocess.run([sys.executable, __file__, "--run-engine", e, "--workload", w, "--workdir",
                                 str(workdir)], capture_output=True, text=True)
             line = [x for x in r.stdout.splitlines() if x.startswith("RESULT ")]
             if r.returncode or not line:
                 print(f"  {e} failed:\n{r.stderr[-3000:]}", flush=True)
                 continue
-            results.append(json.loads(line[-1][7:]))
+            results.append(dict(json.loads(line[-1][7:]), round=rnd))
             print(f"  {json.dumps(results[-1])}", flush=True)
         if "m3jax-bf16" in engines and "m3jax" in engines:
             acc = bf16_accuracy(workdir)

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jax import checkpoint, scoring
+from m3jax import checkpoint, hf_compat, scoring
 from m3jax import encode as pipeline
 from m3jax.engine import Encoder, configure_compilation_cache, resolve_devices
 from m3jax.model import BGEM3Model
@@ -31,10 +31,16 @@ class BGEM3:
       - batching is by length bucket and token budget (see m3jax.encode; `length_buckets` replaces the default
         lengths, e.g. with fewer for TPU); batch_size caps the rows of a batch.
         There is no out-of-memory probe: nothing is computed twice.
-      - unknown keyword arguments raise TypeError (FlagEmbedding forwards them to the tokenizer).
+      - keywords: as FlagEmbedding, the constructor accepts any keyword (an unknown one is set as an attribute
+        and otherwise ignored, with a logged warning); `device=` (FlagEmbedding 1.2) is a synonym of `devices=`
+        and both take str, int, a list, a torch.device-like object or a jax.Device. encode's extra keywords
+        (which FlagEmbedding forwards to its tokenizer) are accepted only where FlagEmbedding accepts them
+        without changing its output (m3jax.hf_compat.ENCODE_NO_EFFECT); any other raises TypeError, as there.
       - max_length=1 keeps `<s></s>` (FlagEmbedding's tokenizer then silently skips truncation).
       - compute_score on an empty list returns the dict of empty lists; FlagEmbedding returns [].
-      - colbert_score returns a numpy float32 scalar rather than a 0-d torch tensor.
+      - colbert_score returns a numpy float32 scalar (with torch's .numpy(), .cpu()) rather than a 0-d tensor.
+      - `tokenizer` is m3jax's (transformers' calls clients make, no torch); `model` is a torch-like view over
+        the NNX module (sizes, `.model.config`, `eval()`), which itself is `nnx_model`. See m3jax.hf_compat.
     """
 
     def __init__(
@@ -51,6 +57,7 @@ class BGEM3:
         passage_instruction_for_retrieval: str | None = None,
         passage_instruction_format: str = "{}{}",
         devices: Any = None,
+        device: Any = None,
         cache_dir: str | None = None,
         colbert_dim: int = -1,
         batch_size: int = 256,
@@ -66,9 +73,14 @@ class BGEM3:
         compilation_cache: bool | str = True,
         show_progress: bool | None = None,
         trust_remote_code: bool = False,  # accepted for compatibility; nothing remote is ever executed
+        **kwargs: Any,
     ):
         del trust_remote_code
-        devs = resolve_devices(devices)
+        if device is not None:
+            self.device = device  # FlagEmbedding 1.4 keeps it as an attribute too
+        hf_compat.accept_unknown_kwargs(self, kwargs)
+        self.kwargs = dict(kwargs)
+        devs = resolve_devices(hf_compat.merge_device_kwargs(devices, device))
         if dtype is None:
             accel = devs[0].platform != "cpu"
             dtype = "bfloat16" if use_bf16 or (use_fp16 and accel) else "float32"
@@ -80,6 +92,7 @@ class BGEM3:
             length_buckets=length_buckets, max_tokens_per_batch=max_tokens_per_batch, pooling=pooling_method,
             normalize=normalize_embeddings, truncate_dim=truncate_dim)
         cfg = self.engine.config
+        self.tokenizer = hf_compat.HFTokenizer(self.engine.tokenizer_dir)  # Hugging Face's calls, for clients
         if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:
             raise ValueError(f"colbert_dim={colbert_dim}, but the checkpoint's ColBERT head has {cfg.colbert_dim}")
         self.model_name_or_path = str(model_name_or_path)
@@ -107,7 +120,6 @@ class BGEM3:
     # ----------------------------------------------------------------------------------------------- model
     # The engine's state, read through: one place holds the model.
     config = property(lambda self: self.engine.config)
-    tokenizer = property(lambda self: self.engine.tokenizer)
     tokenizer_dir = property(lambda self: self.engine.tokenizer_dir)
     devices = property(lambda self: self.engine.devices)
     dtype = property(lambda self: self.engine.dtype)
@@ -119,9 +131,15 @@ class BGEM3:
     attn_impl = property(lambda self: self.engine.attn_impl)
 
     @property
-    def model(self) -> BGEM3Model:
+    def nnx_model(self) -> BGEM3Model:
         """The NNX module (a view over the current state), for research and fine-tuning."""
         return self.engine.model
+
+    @property
+    def model(self) -> hf_compat.TorchLikeModel:
+        """FlagEmbedding's `model.model` as clients read it (`.model.config.hidden_size`,
+        `.colbert_linear.out_features`, `eval()`); other attributes are the NNX module's (`.nnx`)."""
+        return hf_compat.TorchLikeModel(self.nnx_model, self.tokenizer)
 
     @property
     def params(self) -> dict:
@@ -141,16 +159,18 @@ class BGEM3:
     # ---------------------------------------------------------------------------------------------- encode
     def encode(self, sentences: str | Sequence[str], batch_size: int | None = None, max_length: int | None = None,
                return_dense: bool | None = None, return_sparse: bool | None = None,
-               return_colbert_vecs: bool | None = None, *, show_progress: bool | None = None) -> dict:
+               return_colbert_vecs: bool | None = None, *, show_progress: bool | None = None, **kwargs) -> dict:
         """FlagEmbedding's encode: {"dense_vecs", "lexical_weights", "colbert_vecs"}, None for heads not asked."""
+        hf_compat.check_encode_kwargs("encode", kwargs)
         return self._encode_flag(sentences, batch_size, max_length, self.passage_max_length, return_dense,
                                  return_sparse, return_colbert_vecs, show_progress, None, "{}{}")
 
     def encode_queries(self, queries: str | Sequence[str], batch_size: int | None = None,
                        max_length: int | None = None, return_dense: bool | None = None,
                        return_sparse: bool | None = None, return_colbert_vecs: bool | None = None, *,
-                       show_progress: bool | None = None) -> dict:
+                       show_progress: bool | None = None, **kwargs) -> dict:
         """encode() with query_max_length and the query instruction, if any."""
+        hf_compat.check_encode_kwargs("encode_queries", kwargs)
         return self._encode_flag(queries, batch_size, max_length, self.query_max_length, return_dense,
                                  return_sparse, return_colbert_vecs, show_progress,
                                  self.query_instruction_for_retrieval, self.query_instruction_format)
@@ -158,8 +178,9 @@ class BGEM3:
     def encode_corpus(self, corpus: str | Sequence[str], batch_size: int | None = None,
                       max_length: int | None = None, return_dense: bool | None = None,
                       return_sparse: bool | None = None, return_colbert_vecs: bool | None = None, *,
-                      show_progress: bool | None = None) -> dict:
+                      show_progress: bool | None = None, **kwargs) -> dict:
         """encode() with passage_max_length and the passage instruction, if any."""
+        hf_compat.check_encode_kwargs("encode_corpus", kwargs)
         return self._encode_flag(corpus, batch_size, max_length, self.passage_max_length, return_dense,
                                  return_sparse, return_colbert_vecs, show_progress,
                                  self.passage_instruction_for_retrieval, self.passage_instruction_format)
@@ -287,7 +308,7 @@ class BGEM3:
         raise ValueError("lexical weights must be two dicts or two lists of dicts, got "
                          f"{type(lexical_weights_1).__name__} and {type(lexical_weights_2).__name__}")
 
-    def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> np.float32:
+    def colbert_score(self, q_reps: np.ndarray, p_reps: np.ndarray) -> hf_compat.ColbertScore:
         """Late interaction of one query [Nq, C] and one passage [Np, C]: mean over query vectors of the max dot
         product (no zero floor, as FlagEmbedding's colbert_score)."""
         q, p = np.asarray(q_reps), np.asarray(p_reps)
@@ -296,7 +317,7 @@ class BGEM3:
                 raise ValueError(f"{name} must be [n_tokens, dim], got shape {x.shape}")
         q32, p32 = q.astype(np.float32, copy=False), p.astype(np.float32, copy=False)
         score = scoring.colbert_paired(q32[None], np.ones((1, len(q)), bool), p32[None], np.ones((1, len(p)), bool))
-        return np.float32(score[0])
+        return hf_compat.ColbertScore(score[0])
 
     def convert_id_to_token(self, lexical_weights: dict | list[dict]):
         """Maps str(token id) keys to token text (as tokenizer.decode([id])); one dict in, one dict out."""

@@ -218,8 +218,6 @@ def test_bad_input(ours, capsys):
             ours.encode(["a"], max_length=bad)
     with pytest.raises(TypeError, match="unexpected keyword"):
         ours.encode(["a"], padding="max_length")
-    with pytest.raises(TypeError, match="unexpected keyword"):
-        BGEM3("unused", no_such_option=1)
     with pytest.raises(ValueError, match="nothing to compute"):
         ours.encode(["a"], return_dense=False)
     ours.encode(["short input"], return_sparse=True)

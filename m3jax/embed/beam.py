@@ -1,5 +1,5 @@
 """Apache Beam RunInference handler: BGE-M3 embeddings inside a Beam pipeline (DirectRunner, Dataflow, Flink, ...).
-Needs the `beam` extra (`pip install 'm3jax[beam]'`).
+Needs the `beam` extra (`pip install -e '.[beam]'`).
 
     import apache_beam as beam
     from apache_beam.ml.inference.base import RunInference
@@ -27,7 +27,7 @@ import numpy as np
 try:
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 except ImportError as e:  # the module is the optional part: say which extra it needs
-    raise ImportError("m3jax.embed.beam needs Apache Beam: pip install 'm3jax[beam]'") from e
+    raise ImportError("m3jax.embed.beam needs Apache Beam: pip install -e '.[beam]'") from e
 
 from m3jax import encode as pipeline
 from m3jax.embed import job, writer
