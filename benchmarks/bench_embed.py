@@ -37,11 +37,15 @@ sys.path.insert(0, str(ROOT))
 
 SETTINGS = dict(max_length=512, batch_size=256)
 RSS_SCRIPT = """
-import json, sys
+import io, json, re, sys
+from contextlib import redirect_stderr
 from m3jax.embed import embed
-m = embed(sys.argv[1], sys.argv[2], sys.argv[3], quiet=True)
+log = io.StringIO()
+with redirect_stderr(log):  # the summary line (compiled shapes), not the progress bar
+    m = embed(sys.argv[1], sys.argv[2], sys.argv[3])
 hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
-print(json.dumps({"rows": m["rows"], "tokens": m["tokens"], "peak_mib": int(hwm) / 1024}))
+shapes = int(re.search(r"(\\d+) compiled shapes", log.getvalue()).group(1))
+print(json.dumps({"rows": m["rows"], "tokens": m["tokens"], "peak_mib": int(hwm) / 1024, "shapes": shapes}))
 """
 
 
@@ -145,8 +149,17 @@ def peak_rss(workdir: Path, sizes: list[int]) -> list[dict]:
 
 
 def report(res: dict) -> str:
-    s = res["speed"]
-    lines = [f"{s['texts']:,} texts, {s['tokens']:,} tokens, {res['model']}; torch threads {s['torch_threads']}",
+    s, lines = res["speed"], []
+    if s:
+        lines += speed_lines(s, res["model"])
+    for r in res["rss"]:
+        lines.append(f"m3jax embed peak RSS, {r['texts']:,} texts ({r['tokens']:,} tokens, tiny model): "
+                     f"{r['peak_mib']:,.0f} MiB, {r['shapes']} compiled shapes ({r['wall_s']:.0f}s)")
+    return "\n".join(lines)
+
+
+def speed_lines(s: dict, model: str) -> list[str]:
+    lines = [f"{s['texts']:,} texts, {s['tokens']:,} tokens, {model}; torch threads {s['torch_threads']}",
              f"{'engine':<8} {'median s':>9} {'min ... max s':>16} {'tokens/s':>10}"]
     for k, v in s["engines"].items():
         lines.append(f"{k:<8} {v['median_s']:>9.3f} {v['min_s']:>7.3f} ... {v['max_s']:<6.3f} "
@@ -154,10 +167,7 @@ def report(res: dict) -> str:
     lines.append(f"m3jax embed overhead over the bare compiled forward: {s['embed_overhead_vs_forward']:+.1%}")
     lines.append(f"max |dense difference| vs FlagEmbedding: embed {s['max_abs_dense_diff']['embed_vs_flag']:.1e}, "
                  f"encode {s['max_abs_dense_diff']['encode_vs_flag']:.1e}")
-    for r in res["rss"]:
-        lines.append(f"m3jax embed peak RSS, {r['texts']:,} texts ({r['tokens']:,} tokens, tiny model): "
-                     f"{r['peak_mib']:,.0f} MiB ({r['wall_s']:.0f}s)")
-    return "\n".join(lines)
+    return lines
 
 
 def main(argv=None) -> int:
@@ -166,6 +176,7 @@ def main(argv=None) -> int:
     p.add_argument("--texts", type=int, default=None, help="texts timed (default 1,000; --quick 48)")
     p.add_argument("--repeat", type=int, default=3)
     p.add_argument("--rss-sizes", default=None, help="comma-separated corpus sizes (default 10000,100000)")
+    p.add_argument("--parts", default="speed,rss", help="what to measure: speed, rss or both")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
@@ -174,11 +185,12 @@ def main(argv=None) -> int:
     sizes = [int(x) for x in (args.rss_sizes or ("200,400" if args.quick else "10000,100000")).split(",")]
     with tempfile.TemporaryDirectory(prefix="bench-embed-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
-        release = write_models(workdir, args.quick)
+        parts = set(args.parts.split(","))
         res = {"model": "random tiny (2 layers, 32 wide)" if args.quick else
                "random small (4 layers, 128 wide, real XLM-R vocabulary)",
-               "speed": speed(workdir, release, texts_for(n, seed=1, max_words=120), args.repeat),
-               "rss": peak_rss(workdir, sizes)}
+               "speed": speed(workdir, write_models(workdir, args.quick), texts_for(n, seed=1, max_words=120),
+                              args.repeat) if "speed" in parts else None,
+               "rss": peak_rss(workdir, sizes) if "rss" in parts else []}
     print(report(res))
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=1))

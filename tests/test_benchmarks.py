@@ -50,5 +50,5 @@ def test_embed_benchmark_runs_in_its_quick_mode(tmp_path):
     assert set(s["engines"]) == {"embed", "encode", "flag", "forward"}
     assert all(len(e["runs_s"]) == 1 and e["tokens_per_s"] > 0 for e in s["engines"].values())
     assert s["max_abs_dense_diff"]["embed_vs_flag"] < 1e-5 and s["max_abs_dense_diff"]["encode_vs_flag"] < 1e-5
-    assert [x["texts"] for x in res["rss"]] == [100] and res["rss"][0]["peak_mib"] > 0
+    assert [x["texts"] for x in res["rss"]] == [100] and res["rss"][0]["peak_mib"] > 0 and res["rss"][0]["shapes"] > 0
     assert "overhead over the bare compiled forward" in r.stdout
