@@ -9,27 +9,29 @@ import logging
 import sys
 import time
 
-DEMO_TEXTS = [
-    "What is BGE M3?",
-    "BGE M3 is an embedding model supporting dense retrieval, lexical matching and multi-vector interaction.",
-    "Defination of BM25",
-    "BM25 is a bag-of-words retrieval function that ranks a set of documents based on the query terms.",
-    "北京是中华人民共和国的首都。",
-    "Берлин — столица Германии.",
-]
+DEMO_QUERY = "What is the capital of Germany?"
+DEMO_MODES = ("dense", "sparse", "colbert", "hybrid")
 
 
 def demo(args) -> int:
-    import numpy as np
+    """The main job: `m3jax embed` over a 200-text multilingual sample, then queries against its output."""
+    import contextlib
+    import io
+    import shutil
+    import tempfile
+    from pathlib import Path
 
-    from m3jax.api import BGEM3
     from m3jax.checkpoint import HubUnavailableError
+    from m3jax.embed import EmbeddingReader, embed
+    from m3jax.embed.sample import sample_corpus, write_sample_corpus
+    from m3jax.engine import Encoder, configure_compilation_cache
 
+    configure_compilation_cache()
     label = args.model
     try:
         if args.random:
             raise HubUnavailableError("--random given")
-        model = BGEM3.from_pretrained(args.model, dtype=args.dtype)
+        encoder = Encoder.from_pretrained(args.model, dtype=args.dtype)
     except HubUnavailableError as e:
         size = args.random_size
         print(f"{args.model}: not available ({str(e).split('. ')[0]}); running on a randomly initialised "
@@ -37,26 +39,32 @@ def demo(args) -> int:
         from m3jax.random_weights import random_m3jax_dir
 
         path = random_m3jax_dir(size)
-        model = BGEM3.from_pretrained(path, dtype=args.dtype)
+        encoder = Encoder.from_pretrained(path, dtype=args.dtype)
         label = f"random {size} ({path})"
-    t0 = time.perf_counter()
-    out = model.encode(DEMO_TEXTS, return_dense=True, return_sparse=True, return_colbert_vecs=True)
-    elapsed = time.perf_counter() - t0
-    np.set_printoptions(precision=4, suppress=True, linewidth=120)
-    print(f"model: {label}, dtype {args.dtype}; {len(DEMO_TEXTS)} texts encoded in {elapsed:.2f}s "
-          f"(first call includes compilation)")
-    for i, t in enumerate(DEMO_TEXTS):
-        print(f"  [{i}] {t}")
-    print("\ndense similarities (cosine):")
-    print(out["dense_vecs"] @ out["dense_vecs"].T)
-    print("\ntop lexical tokens per text:")
-    for i, lw in enumerate(out["lexical_weights"]):
-        tokens = model.convert_id_to_token(dict(lw)) if lw else {}
-        top = sorted(tokens.items(), key=lambda kv: -kv[1])[: args.top]
-        print(f"  [{i}] " + ", ".join(f"{tok!r}: {float(w):.4f}" for tok, w in top))
-    print("\nColBERT late-interaction scores (row = query, column = passage):")
-    vecs = out["colbert_vecs"]
-    print(np.array([[float(model.colbert_score(q, p)) for p in vecs] for q in vecs]))
+    print(f"model: {label}, dtype {args.dtype}")
+    texts = {r["id"]: r["text"] for r in sample_corpus()}
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="m3jax-demo-"))
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        corpus, out = write_sample_corpus(work / "corpus.jsonl"), work / "embeddings"
+        print(f"\n$ m3jax embed {corpus} --id-field id --output {out}")
+        log = io.StringIO()
+        with contextlib.redirect_stderr(log):  # keep the job's summary line for the transcript, not its progress bar
+            embed(corpus, encoder, out, id_field="id", dtype=args.dtype, shard_size=100, quiet=False)
+        print(log.getvalue().rstrip().splitlines()[-1])
+        reader = EmbeddingReader(out)
+        print(f"{reader}: {', '.join(s['file'] for s in reader.manifest['shards'])} and _manifest.json")
+        index = reader.to_index()
+        query = encoder.encode([args.query], max_length=64)
+        print(f"\nquery: {args.query!r}; top {args.top} of {len(reader)} per mode (score, id, text)")
+        for mode in DEMO_MODES:
+            scores, ids = index.search(query, k=args.top, mode=mode)
+            print(f"{mode}:")
+            for score, i in zip(scores[0], ids[0], strict=True):
+                print(f"  {float(score):8.4f}  {i}  {texts[str(i)]}")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
     return 0
 
 
@@ -125,13 +133,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="embed a multilingual sample; print dense, lexical and ColBERT results")
+    d = sub.add_parser("demo", help="embed a multilingual sample corpus with `m3jax embed`, then query it (dense, "
+                                     "sparse, ColBERT, hybrid)")
     d.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
     d.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     d.add_argument("--random", action="store_true", help="skip the model and use random weights")
     d.add_argument("--random-size", default="bge-m3", choices=["bge-m3", "tiny"],
                    help="architecture of the random fallback: the real one, or a tiny one for a quick run")
-    d.add_argument("--top", type=int, default=5, help="lexical tokens shown per text")
+    d.add_argument("--query", default=DEMO_QUERY)
+    d.add_argument("--top", type=int, default=5, help="hits shown per mode")
+    d.add_argument("--workdir", default=None, help="keep the corpus and the embeddings here (default: a temporary "
+                                                   "directory, removed)")
     d.set_defaults(func=demo)
 
     c = sub.add_parser("convert", help="release layout (dir or hub id) -> m3jax directory")

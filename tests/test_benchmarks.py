@@ -1,4 +1,5 @@
-"""The benchmark entry points run (on a tiny model here): `m3jax bench` and the prepared GPU script's CPU check."""
+"""The benchmark entry points run (on a tiny model here): `m3jax bench`, the prepared GPU script's CPU check and
+benchmarks/bench_embed.py's quick mode."""
 
 import json
 import os
@@ -46,3 +47,17 @@ def test_bf16_matmul_probe_runs(tmp_path):
     rows = {line.split("  ")[1].strip(): line for line in r.stdout.splitlines()[2:]}
     assert set(rows) == {"torch", "xla default", "oneDNN thunks"}
     assert "nan" not in r.stdout  # every configuration ran and was timed
+
+
+def test_embed_benchmark_runs_in_its_quick_mode(tmp_path):
+    """benchmarks/bench_embed.py on a tiny model: every engine timed, the outputs agree with FlagEmbedding's."""
+    r = run(["benchmarks/bench_embed.py", "--quick", "--texts", "24", "--repeat", "1", "--rss-sizes", "100", "--json",
+             str(tmp_path / "b.json")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())
+    s = res["speed"]
+    assert set(s["engines"]) == {"embed", "encode", "flag", "forward"}
+    assert all(len(e["runs_s"]) == 1 and e["tokens_per_s"] > 0 for e in s["engines"].values())
+    assert s["max_abs_dense_diff"]["embed_vs_flag"] < 1e-5 and s["max_abs_dense_diff"]["encode_vs_flag"] < 1e-5
+    assert [x["texts"] for x in res["rss"]] == [100] and res["rss"][0]["peak_mib"] > 0 and res["rss"][0]["shapes"] > 0
+    assert "overhead over the bare compiled forward" in r.stdout

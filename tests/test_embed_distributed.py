@@ -57,3 +57,31 @@ def test_two_processes_equal_one(tmp_path):
         ta, tb = pq.read_table(tmp_path / "multi" / s["file"]), pq.read_table(tmp_path / "single" / s["file"])
         assert ta.equals(tb), s["file"]  # row for row, every value
     assert a.ids().tolist() == [str(i) for i in range(len(texts))]
+
+
+def test_cloud_tpu_vm_joins_its_pod_slice_without_flags(monkeypatch):
+    """On a Cloud TPU VM with no flags, jax.distributed.initialize() is called with no arguments (JAX reads the slice
+    from the TPU metadata); flags win; a failure says what to pass instead; elsewhere nothing is initialised."""
+    import jax
+    import pytest
+
+    from m3jax.embed import distributed
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
+    monkeypatch.setattr(distributed, "_backends_initialized", lambda: False)
+    for var in distributed.ENV.values():
+        monkeypatch.delenv(var, raising=False)
+    assert distributed.initialize() == (0, 1) and calls == []  # this machine: no TPU VM
+    monkeypatch.setattr(distributed, "_on_cloud_tpu_vm", lambda: True)
+    distributed.initialize()
+    assert calls == [((), {})]
+    distributed.initialize("10.0.0.2:1234", 4, 3)
+    assert calls[-1] == ((), {"coordinator_address": "10.0.0.2:1234", "num_processes": 4, "process_id": 3})
+
+    def fail(*a, **k):
+        raise RuntimeError("Getting metadata['agent-worker-number'] failed for 6 tries")
+
+    monkeypatch.setattr(jax.distributed, "initialize", fail)
+    with pytest.raises(ValueError, match="agent-worker-number.*pass --coordinator HOST:PORT --num-processes"):
+        distributed.initialize()

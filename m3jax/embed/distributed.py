@@ -3,20 +3,28 @@
 Process p of P owns the shards k with k % P == p; every process reads (but only counts) the rows of the others'
 shards, so the split needs no communication. Each writes its own shards; process 0 writes job.json before the
 first barrier and the manifest after the last.
+
+On a Cloud TPU VM with no coordinator given, jax.distributed.initialize() is called with no arguments: JAX reads
+the pod slice (workers, this worker's index, the coordinator) from the TPU metadata, so every worker of a slice can
+run the very same command (a single-host TPU VM is then one process of one).
 """
 
 from __future__ import annotations
 
+import logging
 import os
+
+logger = logging.getLogger("m3jax")
 
 ENV = {"coordinator": "M3JAX_COORDINATOR", "num_processes": "M3JAX_NUM_PROCESSES", "process_id": "M3JAX_PROCESS_ID"}
 
 
 def initialize(coordinator: str | None = None, num_processes: int | None = None,
                process_id: int | None = None) -> tuple[int, int]:
-    """Starts jax.distributed when a coordinator (flag or $M3JAX_COORDINATOR) is given; returns (process id, count).
+    """Starts jax.distributed when a coordinator (flag or $M3JAX_COORDINATOR) is given, or on a Cloud TPU VM from its
+    metadata; returns (process id, count).
 
-    Without one, a single process, unless jax.distributed was already initialised by the caller."""
+    Otherwise a single process, unless jax.distributed was already initialised by the caller."""
     import jax
 
     coordinator = coordinator or os.environ.get(ENV["coordinator"])
@@ -35,7 +43,32 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
                                    process_id=process_id)
     elif not coordinator and (num_processes or 1) > 1:
         raise ValueError(f"--num-processes {num_processes} needs --coordinator HOST:PORT")
+    elif not coordinator and not jax.distributed.is_initialized() and _on_cloud_tpu_vm():
+        if _backends_initialized():  # too late to join a pod slice: JAX already runs on this host's chips alone
+            logger.warning("Cloud TPU VM, but JAX was initialised before m3jax embed could call "
+                           "jax.distributed.initialize(): running as a single process; on a pod slice call it first")
+        else:
+            try:
+                jax.distributed.initialize()
+            except Exception as e:  # noqa: BLE001 - reworded with what to do instead
+                raise ValueError(f"Cloud TPU VM: jax.distributed.initialize() could not read the pod slice from the "
+                                 f"TPU metadata ({type(e).__name__}: {e}); pass --coordinator HOST:PORT "
+                                 "--num-processes P --process-id p instead") from e
     return jax.process_index(), jax.process_count()
+
+
+def _on_cloud_tpu_vm() -> bool:
+    try:
+        from jax._src import cloud_tpu_init
+    except ImportError:
+        return False
+    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+
+
+def _backends_initialized() -> bool:
+    from jax._src import xla_bridge
+
+    return xla_bridge.backends_are_initialized()
 
 
 def barrier(name: str, timeout_s: float = 3600.0) -> None:
