@@ -74,6 +74,14 @@ def forward_flops(cfg, padded_lengths_rows: list[tuple[int, int]]) -> float:
 
 
 def peak_rss_gb() -> float:
+    """This process's peak RSS in GB: VmHWM where /proc exists (ru_maxrss would include the parent's peak when
+    started by fork + exec), else ru_maxrss."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
 
 

@@ -126,19 +126,19 @@ class _SafetensorsFile(Mapping):
             head = f.read(8)
             n = int.from_bytes(head, "little") if len(head) == 8 else -1
             if not 2 <= n <= size - 8:
-                raise CheckpointError(f"{path}: not a safetensors file (header length {n}, file size {size})")
+                raise CheckpointError(f"{path}: cannot read safetensors file (header length {n}, file size {size})")
             try:
                 header = json.loads(f.read(n))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise CheckpointError(f"{path}: unreadable safetensors header ({e})") from None
+                raise CheckpointError(f"{path}: cannot read safetensors file (bad header: {e})") from None
         header.pop("__metadata__", None)
         self._start = 8 + n
         self._meta = header
         for key, m in header.items():
             begin, end = m.get("data_offsets", (0, -1))
             if m.get("dtype") not in _ST_DTYPES or self._start + end > size or end < begin:
-                raise CheckpointError(f"{path}: tensor {key!r}: bad entry {m} (truncated file or unknown dtype; "
-                                      f"file size {size})")
+                raise CheckpointError(f"{path}: cannot read safetensors file: tensor {key!r} has entry {m}, but the "
+                                      f"file has {size} bytes (truncated?) or the dtype is unknown")
 
     def __getitem__(self, key):
         m = self._meta[key]

@@ -21,7 +21,9 @@ texts = json.load(open(sys.argv[2], encoding="utf-8"))
 m = BGEM3(sys.argv[1], compilation_cache=False, show_progress=False)
 out = m.encode(texts, max_length=8000, return_dense=True, return_sparse=True, return_colbert_vecs=True)
 own = out["dense_vecs"].nbytes + sum(v.nbytes for v in out["colbert_vecs"]) + 8 * sum(map(len, out["lexical_weights"]))
-print(json.dumps({"peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "own": own,
+# VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's (pytest's) peak across fork + exec.
+hwm = int([l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]) * 1024
+print(json.dumps({"peak": hwm, "own": own,
                   "lengths": [len(v) + 1 for v in out["colbert_vecs"]], "dim": int(out["colbert_vecs"][0].shape[1])}))
 """
 
