@@ -32,16 +32,11 @@ from pathlib import Path
 
 import numpy as np
 
+from m3jax.bench import peak_rss_gb  # VmHWM: each engine process's own peak, not its parent's
+
 ROOT = Path(__file__).resolve().parents[1]
+
 BATCH = {"passages": 16, "long": 1}
-
-
-def rss_gb() -> float:
-    """This process's peak RSS (VmHWM: unlike ru_maxrss it does not inherit the parent's peak across fork+exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
 # ------------------------------------------------------------------------------------------------ preparation
@@ -240,7 +235,7 @@ def run_engine(args) -> None:
     tokens = int(sum(len(x) for x in Tokenizer(workdir / "release").encode(texts, 8192)[0]))
     res = ENGINES[args.run_engine](workdir, texts, BATCH[args.workload], steady=args.workload == "passages")
     res.update(engine=args.run_engine, workload=args.workload, texts=len(texts), tokens=tokens,
-               peak_rss_gb=round(rss_gb(), 2))
+               peak_rss_gb=round(peak_rss_gb(), 2))
     print("RESULT " + json.dumps(res))
 
 

@@ -216,9 +216,7 @@ class BGEM3:
         single = isinstance(sentences, str)
         texts = [sentences] if single else sentences
         if instruction is not None:
-            _check_texts(texts)
-            fmt = instruction_format.replace("\\n", "\n")
-            texts = [fmt.format(instruction, t) for t in texts]
+            texts = apply_instruction(_check_texts(texts), instruction, instruction_format)
         heads = self._heads(return_dense, return_sparse, return_colbert_vecs)
         res = self.encode_padded(texts, batch_size=batch_size, max_length=max_length, heads=heads,
                                  show_progress=show_progress, mcls_interval=mcls_interval)
@@ -371,6 +369,15 @@ def _dicts_to_padded(dicts: Sequence[dict], name: str) -> tuple[np.ndarray, np.n
             raise ValueError(f"{name}[{i}]: keys must be token ids (as str or int)") from None
         weights[i, :len(d)] = np.fromiter(d.values(), dtype=np.float32, count=len(d))
     return ids, weights
+
+
+def apply_instruction(texts: Sequence[str], instruction: str | None, instruction_format: str = "{}{}") -> list[str]:
+    """Texts with an instruction applied as FlagEmbedding's encode_queries / encode_corpus do it
+    (`format.format(instruction, text)`, a literal "\\n" in the format read as a newline); unchanged for None."""
+    if instruction is None:
+        return list(texts)
+    fmt = instruction_format.replace("\\n", "\n")
+    return [fmt.format(instruction, t) for t in texts]
 
 
 def _check_texts(texts: Any) -> Sequence[str]:

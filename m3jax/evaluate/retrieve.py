@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from m3jax.api import apply_instruction
 from m3jax.evaluate.data import BeirDataset
 
 MODES = ("dense", "sparse", "colbert", "hybrid", "rrf")
@@ -49,19 +50,12 @@ def heads_for(modes: Sequence[str], weights: Sequence[float], first_stage: str =
     return tuple(h for h in RRF_OF if h in need)
 
 
-def _instructed(texts: list[str], instruction: str | None, fmt: str) -> list[str]:
-    # As BGEM3.encode_queries / encode_corpus (and FlagEmbedding) apply an instruction.
-    if instruction is None:
-        return texts
-    fmt = fmt.replace("\\n", "\n")
-    return [fmt.format(instruction, t) for t in texts]
-
-
 def encode_corpus(model, ds: BeirDataset, *, heads: Sequence[str], batch_size: int | None = None,
                   max_length: int | None = None, show_progress: bool | None = None):
     """EncodeResult [N, ...] of the passages with encode_corpus' settings (passage instruction, passage_max_length;
     None takes the model's)."""
-    texts = _instructed(ds.corpus_texts, model.passage_instruction_for_retrieval, model.passage_instruction_format)
+    texts = apply_instruction(ds.corpus_texts, model.passage_instruction_for_retrieval,
+                              model.passage_instruction_format)
     return model.encode_padded(texts, batch_size=batch_size, heads=heads, show_progress=show_progress,
                                max_length=model.passage_max_length if max_length is None else max_length)
 
@@ -70,7 +64,7 @@ def encode_queries(model, ds: BeirDataset, *, heads: Sequence[str], batch_size: 
                    max_length: int | None = None, show_progress: bool | None = None):
     """EncodeResult [Q, ...] of the queries with encode_queries' settings (query instruction, query_max_length;
     None takes the model's)."""
-    texts = _instructed(ds.query_texts, model.query_instruction_for_retrieval, model.query_instruction_format)
+    texts = apply_instruction(ds.query_texts, model.query_instruction_for_retrieval, model.query_instruction_format)
     return model.encode_padded(texts, batch_size=batch_size, heads=heads, show_progress=show_progress,
                                max_length=model.query_max_length if max_length is None else max_length)
 
