@@ -61,3 +61,20 @@ def test_embed_benchmark_runs_in_its_quick_mode(tmp_path):
     assert s["max_abs_dense_diff"]["embed_vs_flag"] < 1e-5 and s["max_abs_dense_diff"]["encode_vs_flag"] < 1e-5
     assert [x["texts"] for x in res["rss"]] == [100] and res["rss"][0]["peak_mib"] > 0 and res["rss"][0]["shapes"] > 0
     assert "overhead over the bare compiled forward" in r.stdout
+
+
+def test_train_benchmark_runs_both_engines_on_the_same_batches(tmp_path):
+    """benchmarks/bench_train.py's quick mode: m3jax's train step and FlagEmbedding's, one round, tiny model."""
+    out = tmp_path / "train.json"
+    r = run(["benchmarks/bench_train.py", "--size", "tiny", "--steps", "1", "--repeats", "1", "--batch-size", "2",
+             "--group-size", "2", "--query-len", "16", "--passage-len", "32", "--workdir", str(tmp_path / "w"),
+             "--json", str(out)], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    assert [x["engine"] for x in res["results"]] == ["m3jax", "flag"]
+    for x in res["results"]:
+        assert len(x["step_s"]) == 1 and x["step_s"][0] > 0 and x["peak_rss_gb"] > 0
+        assert 0 < x["tokens"][0] <= x["padded_tokens"][0] <= 2 * 16 + 4 * 32
+    m3, flag = res["results"]
+    assert (m3["tokens"], m3["padded_tokens"]) == (flag["tokens"], flag["padded_tokens"])  # the same batches
+    assert "m3jax / FlagEmbedding: tokens/s" in res["report"]
