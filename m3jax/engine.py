@@ -119,6 +119,7 @@ class Encoder:
         self._compiled: dict = {}
         # (length, rows, heads), or (length, rows, heads, mcls_interval) with MCLS -> seconds to compile or fetch
         self.compile_seconds: dict[tuple, float] = {}
+        self._fingerprint: tuple[Any, str] | None = None  # (the state it was computed from, digest)
 
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, cache_dir: str | None = None,
@@ -140,13 +141,17 @@ class Encoder:
         return jax.tree_util.tree_map(lambda x: np.asarray(x, dtype=np.float32), pure)
 
     def fingerprint(self) -> str:
-        """sha256 of the config and every parameter's bytes (float32): identifies the weights in job manifests."""
+        """sha256 of the config and every parameter's bytes (float32): identifies the weights in job manifests.
+        Computed once per state (hashing bge-m3's 2.3 GB takes seconds; every `embed` call asks)."""
+        if self._fingerprint is not None and self._fingerprint[0] is self.state:
+            return self._fingerprint[1]
         h = hashlib.sha256(repr(self.config).encode())
         flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
         for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
             h.update(jax.tree_util.keystr(path).encode())
-            h.update(np.ascontiguousarray(np.asarray(leaf, dtype=np.float32)).tobytes())
-        return h.hexdigest()
+            h.update(np.ascontiguousarray(np.asarray(leaf, dtype=np.float32)).data)
+        self._fingerprint = (self.state, h.hexdigest())
+        return self._fingerprint[1]
 
     def output_dims(self) -> dict[str, int]:
         """Widths of the dense and ColBERT vectors after truncate_dim."""

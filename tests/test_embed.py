@@ -301,6 +301,18 @@ def test_rerun_with_other_settings_or_model_stops(tmp_path, model_dir):
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
 
 
+def test_fingerprint_is_computed_once_per_state(model_dir):
+    import jax
+
+    from m3jax.engine import Encoder
+
+    enc = Encoder.from_pretrained(model_dir)
+    first = enc.fingerprint()
+    assert enc.fingerprint() is first  # cached: the same string object, not a recomputation
+    enc.state = jax.tree_util.tree_map(lambda x: x + 1e-3 if x.ndim == 1 and x.shape[0] == 1 else x, enc.state)
+    assert enc.fingerprint() != first  # a new state (the sparse head's bias moved) is hashed anew
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 def test_bad_inputs_name_file_and_row(tmp_path, model_dir):
     kw = dict(shard_size=4, window=4, **SET)
