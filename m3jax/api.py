@@ -72,6 +72,7 @@ class BGEM3:
         max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
         length_buckets: Sequence[int] | None = None,
         attn_impl: str = "auto",
+        compiler_options: dict[str, Any] | None = None,
         compilation_cache: bool | str = True,
         show_progress: bool | None = None,
         trust_remote_code: bool = False,  # accepted for compatibility; nothing remote is ever executed
@@ -92,7 +93,7 @@ class BGEM3:
         self.engine = Encoder.from_pretrained(
             model_name_or_path, cache_dir=cache_dir, dtype=dtype, devices=devs, attn_impl=attn_impl,
             length_buckets=length_buckets, max_tokens_per_batch=max_tokens_per_batch, pooling=pooling_method,
-            normalize=normalize_embeddings, truncate_dim=truncate_dim)
+            normalize=normalize_embeddings, truncate_dim=truncate_dim, compiler_options=compiler_options)
         cfg = self.engine.config
         self.tokenizer = hf_compat.HFTokenizer(self.engine.tokenizer_dir)  # Hugging Face's calls, for clients
         if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:

@@ -85,13 +85,16 @@ class Encoder:
         longest input.
       max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)).
       pooling, normalize, truncate_dim: FlagEmbedding's pooling_method, normalize_embeddings, truncate_dim.
+      compiler_options: XLA options for every executable (`jax.stages.Lowered.compile(compiler_options=...)`),
+        e.g. {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}; None: XLA's defaults.
     """
 
     def __init__(self, config: M3Config, params: Any, tokenizer_dir: str | os.PathLike, *,
                  dtype: Any = "float32", devices: Any = None, attn_impl: str = "auto",
                  length_buckets: Sequence[int] | None = None,
                  max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS, pooling: str = "cls",
-                 normalize: bool = True, truncate_dim: int | None = None):
+                 normalize: bool = True, truncate_dim: int | None = None,
+                 compiler_options: dict[str, Any] | None = None):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         buckets = tuple(sorted(int(b) for b in (length_buckets or pipeline.LENGTH_BUCKETS)))
@@ -108,6 +111,7 @@ class Encoder:
         self.length_buckets = buckets
         self.max_tokens_per_batch = max_tokens_per_batch
         self.pooling, self.normalize, self.truncate_dim = pooling, normalize, truncate_dim
+        self.compiler_options = dict(compiler_options or {})
         self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
         if len(self.devices) > 1:
             mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
@@ -253,7 +257,8 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            exe = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static).compile()
+            exe = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static).compile(
+                compiler_options=self.compiler_options or None)
             self.compile_seconds[key] = time.perf_counter() - t0
             self._compiled[key] = exe
         return exe

@@ -241,3 +241,18 @@ def test_flag_alias_and_compilation_cache(tiny, tmp_path):
         assert m.dtype == np.float32  # use_fp16 on CPU keeps float32, as FlagEmbedding does on CPU
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_compiler_options_reach_every_executable(release_dirs):
+    """Encoder(compiler_options=...) compiles with them: an unknown option fails at compile time, naming it; a
+    real one (a CPU dot library) gives the same outputs within float32 rounding."""
+    from m3jax.engine import Encoder
+
+    texts = ["compiler options", "reach every executable of the engine"]
+    plain = Encoder.from_pretrained(release_dirs["tiny"]).encode(texts, max_length=32)
+    ynn = Encoder.from_pretrained(release_dirs["tiny"], compiler_options={
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}).encode(texts, max_length=32)
+    np.testing.assert_allclose(ynn.dense, plain.dense, atol=1e-5)
+    bad = Encoder.from_pretrained(release_dirs["tiny"], compiler_options={"xla_no_such_option": True})
+    with pytest.raises(Exception, match="xla_no_such_option"):
+        bad.encode(texts, max_length=32)
