@@ -2,7 +2,7 @@
 """Peak host memory (VmHWM) of converting a release checkpoint and of loading an m3jax directory.
 
     python benchmarks/checkpoint_memory.py convert SRC DST   # convert_release(SRC, DST, overwrite=True)
-    python benchmarks/checkpoint_memory.py load DIR          # read_m3jax(DIR), then Encoder(...) on the result
+    python benchmarks/checkpoint_memory.py load DIR [DTYPE]  # load_params(DIR), then Encoder(...) on the result
     python benchmarks/checkpoint_memory.py baseline          # imports only: the fixed cost of any process
 
 Each step runs in a fresh child process and reports that process's own peak RSS (VmHWM), next to the weights'
@@ -31,9 +31,10 @@ if what == "convert":
     ck.convert_release(args[0], args[1], overwrite=True)
 elif what == "load":
     from m3jax.engine import Encoder
-    cfg, params, tok = ck.load_params(args[0])
+    dtype = args[1] if len(args) > 1 else "float32"
+    cfg, params, tok = ck.load_params(args[0], dtype=dtype)
     read_gb = peak_rss_gb()
-    enc = Encoder(cfg, params, tok)
+    enc = Encoder(cfg, params, tok, dtype=dtype)
     print("RESULT-READ", json.dumps({"read_peak_rss_gb": round(read_gb, 3)}))
 print("RESULT", json.dumps({"step": what, "seconds": round(time.perf_counter() - t, 1),
                             "peak_rss_gb": round(peak_rss_gb(), 3)}))

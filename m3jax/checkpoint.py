@@ -305,7 +305,7 @@ def _params_layout(shapes: Mapping[str, tuple[int, ...]]) -> tuple[bytes, dict[s
 
 
 class _ParamsWriter:
-    """Writes params.safetensors a tensor (or one layer of a stacked tensor) at a time, with positioned writes: a
+    """Writes params.safetensors a tensor (or one layer of a stacked tensor) at a time, with seek + write: a
     writable map would keep every written page resident (dirty pages count toward the process's RSS)."""
 
     def __init__(self, path: Path, shapes: Mapping[str, tuple[int, ...]]):
@@ -321,11 +321,8 @@ class _ParamsWriter:
         if arr.shape != shape or arr.dtype != np.float32 or not arr.flags.c_contiguous:
             raise CheckpointError(f"parameter {path!r}: expected a C-contiguous float32 array of shape {shape}, "
                                   f"got {arr.dtype} {arr.shape}")
-        pos = self.offsets[path] + (0 if layer is None else layer * arr.nbytes)
-        view = memoryview(arr).cast("B")
-        while view:
-            n = os.pwrite(self.f.fileno(), view, pos)
-            view, pos = view[n:], pos + n
+        self.f.seek(self.offsets[path] + (0 if layer is None else layer * arr.nbytes))
+        self.f.write(memoryview(arr).cast("B"))  # large writes bypass the file's buffer: no copy
 
     def __enter__(self) -> _ParamsWriter:
         return self
@@ -333,6 +330,7 @@ class _ParamsWriter:
     def __exit__(self, exc_type, *_) -> None:
         try:
             if exc_type is None:
+                self.f.flush()
                 os.fsync(self.f.fileno())  # on disk before the directory is renamed into place
         finally:
             self.f.close()
@@ -388,9 +386,9 @@ def read_m3jax(src: str | os.PathLike, *, dtype: Any = "float32") -> tuple[M3Con
     """(config, parameter tree of jax arrays on the host CPU) of an m3jax directory.
 
     dtype: what the matmul parameters are restored as ("bfloat16" halves the memory a bf16 model needs at load);
-    LayerNorm parameters stay float32. float32 parameters of a version-2 directory are the pages of a read-only
-    memory map of params/params.safetensors (no copy; pages become resident as they are read), so the file must
-    not be modified in place while they are in use (m3jax itself only ever replaces whole directories).
+    LayerNorm parameters stay float32. Restored as float32, the parameters of a version-2 directory are the pages of
+    a read-only memory map of params/params.safetensors (no copy; pages become resident as they are read), so the
+    file must not be modified in place while they are in use (m3jax itself only ever replaces whole directories).
     """
     from m3jax.model import resolve_dtype
 
@@ -411,8 +409,9 @@ def read_m3jax(src: str | os.PathLike, *, dtype: Any = "float32") -> tuple[M3Con
 
 def _map_params(path: Path, cfg: M3Config, wide: Any) -> dict:
     shapes = param_shapes(cfg)
-    try:
-        st = _SafetensorsFile(path, mmap=True)
+    narrow = np.dtype(wide) != np.float32
+    try:  # float32: mapped, no copy. Narrower: each tensor read, cast and dropped (mapped pages would stay resident)
+        st = _SafetensorsFile(path, mmap=not narrow)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read parameters ({type(e).__name__}: {e})") from None
     problems = [f"missing parameter {p!r} (shape {s})" for p, s in shapes.items() if p not in st]
@@ -426,9 +425,10 @@ def _map_params(path: Path, cfg: M3Config, wide: Any) -> dict:
     out = {}
     for p in shapes:
         arr = st[p]
-        if "LayerNorm" not in p and np.dtype(wide) != np.float32:
+        if "LayerNorm" not in p and narrow:
             arr = arr.astype(wide)
-        out[p] = jax.device_put(arr, cpu)  # aliases the aligned, mapped float32 arrays (no copy)
+        out[p] = jax.device_put(arr, cpu)  # aliases aligned host arrays (the mapped float32 ones: no copy)
+        del arr
     return unflatten(out)
 
 

@@ -2,8 +2,8 @@
 copying them, directories of the previous format (orbax) still load, and params.safetensors is plain safetensors.
 
 Peak RSS is VmHWM of fresh child processes (a child's ru_maxrss would start from pytest's peak). The model is a
-"medium" one whose 250,002 x 256 word-embedding table (256 MB) dominates its weights, as the 1 GB table dominates
-bge-m3's; its conversion and load then cost what the table costs, far above each process's fixed baseline.
+"medium" one whose 250,002 x 256 word-embedding table (256 MB) is 95% of its weights (bge-m3's 1 GB table is
+45%), big against each process's fixed baseline: a copy of it, or the table held twice, shows in the peak.
 """
 
 import json
@@ -84,7 +84,7 @@ def test_conversion_holds_one_tensor_at_a_time(medium):
 
 def test_loading_leaves_the_word_embeddings_on_disk(medium):
     """Load and encode: the medium model's table (256 MB) costs only the pages of the rows used, so its peak stays
-    within the tiny model's plus the medium model's other weights and a quarter of its table. A loader that holds
+    within the tiny model's plus the medium model's other weights and half its table. A loader that holds
     the table once (let alone a staging copy besides) is past that bound."""
     release, m3 = medium
     if not checkpoint.is_m3jax_dir(m3):
@@ -94,7 +94,7 @@ def test_loading_leaves_the_word_embeddings_on_disk(medium):
     table = 4 * MEDIUM.vocab_size * MEDIUM.hidden_size
     base, res = child("encode", tiny), child("encode", m3)
     assert base["dense_finite"] and res["dense_finite"]
-    bound = base["peak"] + (weights - table) + 0.25 * table
+    bound = base["peak"] + (weights - table) + 0.5 * table
     print(f"\nload + encode peak RSS: tiny model {base['peak'] / MB:.0f} MiB, medium {res['peak'] / MB:.0f} MiB "
           f"(after load {res['load'] / MB:.0f} MiB) for {weights / MB:.0f} MiB of weights; bound {bound / MB:.0f} MiB")
     assert res["peak"] <= bound
@@ -152,6 +152,12 @@ def test_params_file_is_safetensors_mapped_without_copy(release_dirs, tmp_path):
     assert plain.keys() == flat.keys() == param_shapes(cfg).keys()
     for k, v in plain.items():
         np.testing.assert_array_equal(np.asarray(flat[k]), v, err_msg=k)
+    # Restored narrower: each matmul parameter cast from the stored float32, LayerNorm kept float32.
+    _, narrow = checkpoint.read_m3jax(m3, dtype="bfloat16")
+    for k, v in flatten(narrow).items():
+        want = plain[k] if "LayerNorm" in k else plain[k].astype(jax.numpy.bfloat16)
+        assert v.dtype == want.dtype, k
+        np.testing.assert_array_equal(np.asarray(v), want, err_msg=k)
     # Every tensor whose size is a multiple of 64 bytes starts aligned, and its loaded array is the mapped file
     # itself: its address lies in a mapping of params.safetensors (/proc/self/maps), not in a copy.
     aligned = [k for k, v in plain.items() if v.nbytes % checkpoint.ALIGN == 0]
