@@ -24,7 +24,6 @@ import argparse
 import functools
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -40,6 +39,10 @@ BATCH = {"passages": 16, "long": 1}
 
 
 # ------------------------------------------------------------------------------------------------ preparation
+CONVERT = ("import sys; from m3jax.checkpoint import convert_release; from m3jax.bench import peak_rss_gb; "
+           "convert_release(sys.argv[1], sys.argv[2], overwrite=True); print(peak_rss_gb())")
+
+
 def prepare(workdir: Path, workloads: list[str], need_onnx: bool) -> dict:
     from m3jax.config import M3Config
     from m3jax.testing import write_random_release
@@ -52,12 +55,11 @@ def prepare(workdir: Path, workloads: list[str], need_onnx: bool) -> dict:
         print(f"wrote random full-size release checkpoint in {time.perf_counter() - t:.0f}s", flush=True)
     if not (m3 / "m3jax.json").is_file():
         t = time.perf_counter()
-        r = subprocess.run([sys.executable, str(ROOT / "convert" / "release_to_m3jax.py"), str(release), str(m3),
-                            "--overwrite"], capture_output=True, text=True)
+        r = subprocess.run([sys.executable, "-c", CONVERT, str(release), str(m3)], capture_output=True, text=True)
         if r.returncode:
             raise SystemExit(r.stderr)
         info["convert_s"] = round(time.perf_counter() - t, 1)
-        info["convert_peak_rss_gb"] = round(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 2**20, 2)
+        info["convert_peak_rss_gb"] = round(float(r.stdout.split()[-1]), 2)  # the child's own VmHWM
         print(f"converted to m3jax in {info['convert_s']}s, peak RSS {info['convert_peak_rss_gb']} GB", flush=True)
     if need_onnx and not (workdir / "onnx" / "model.onnx").is_file():
         t = time.perf_counter()

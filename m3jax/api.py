@@ -150,7 +150,7 @@ class BGEM3:
         return self.engine.params
 
     def save(self, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
-        """Writes an m3jax directory (orbax params, config, tokenizer)."""
+        """Writes an m3jax directory (params.safetensors, config, tokenizer)."""
         return checkpoint.save_m3jax(path, self.config, self.params, self.tokenizer_dir, overwrite=overwrite)
 
     def export(self, path: str | os.PathLike, *, weights_format: str = "safetensors", overwrite: bool = False

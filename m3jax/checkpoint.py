@@ -1,9 +1,15 @@
-"""Checkpoint I/O: release-layout directories (BAAI/bge-m3), m3jax directories (orbax), and the hub.
+"""Checkpoint I/O: release-layout directories (BAAI/bge-m3), m3jax directories (safetensors), and the hub.
 
 A release directory holds `config.json`, `model.safetensors` or `pytorch_model.bin` (optionally sharded with an
 `.index.json`), `colbert_linear.pt`, `sparse_linear.pt` (float16 in the release) and tokenizer files.
-An m3jax directory holds `m3jax.json` (marker and metadata), `config.json`, `params/` (an orbax checkpoint of the
-float32 parameter tree) and the same tokenizer files. Both kinds load everywhere m3jax takes a model path.
+An m3jax directory holds `m3jax.json` (marker and metadata), `config.json`, `params/params.safetensors` (the
+float32 parameter tree, one tensor per m3jax path, layers stacked) and the same tokenizer files. Both kinds load
+everywhere m3jax takes a model path. Directories of format version 1 (params/ an orbax checkpoint) still load.
+
+Memory: conversion reads, checks and writes one tensor at a time (peak: the largest tensor, the 1 GB word-embedding
+table, above the libraries). Loading memory-maps params.safetensors and hands the mapped pages to XLA without a copy
+(every tensor starts 64-byte aligned), so only the pages a forward touches become resident: for the word embeddings,
+the rows of the tokens seen.
 
 torch and safetensors (the `convert` extra) are imported only where release files are read or written.
 """
@@ -24,10 +30,20 @@ import numpy as np
 
 from m3jax._io import atomic_dir, cache_root, is_hub_id
 from m3jax.config import ConfigError, M3Config
-from m3jax.weights import ConversionError, param_shapes, params_to_torch, torch_to_params, unflatten
+from m3jax.weights import (
+    ConversionError,
+    converted_tensors,
+    flatten,
+    param_shapes,
+    params_to_torch,
+    torch_to_params,
+    unflatten,
+)
 
 MARKER = "m3jax.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1: params/ is an orbax checkpoint; 2: params/params.safetensors
+PARAMS_FILE = "params.safetensors"
+ALIGN = 64  # XLA's CPU client aliases host arrays aligned to 64 bytes instead of copying them
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "sentencepiece.bpe.model")
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 HEAD_FILES = ("colbert_linear.pt", "sparse_linear.pt")
@@ -113,13 +129,14 @@ _ST_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfl
 
 
 class _SafetensorsFile(Mapping):
-    """{key: numpy array} of a .safetensors file, each tensor read with a plain read when asked for.
+    """{key: numpy array} of a .safetensors file, each tensor read with a plain read when asked for, or with
+    mmap=True a read-only view of a memory map of the file. bfloat16 tensors come back as float32 (a copy).
 
-    Not memory-mapped: mapped file pages count toward the process's resident memory, and reading a 2.3 GB
-    checkpoint through a map would double the conversion's peak. bfloat16 tensors come back as float32.
+    Conversion reads (a tensor read once and dropped leaves nothing resident; mapped pages, once touched, count
+    toward the process's resident memory for as long as the map lives). Loading maps (the map *is* the parameters).
     """
 
-    def __init__(self, path: Path):
+    def __init__(self, path: Path, *, mmap: bool = False):
         self._path = path
         size = path.stat().st_size
         with open(path, "rb") as f:
@@ -139,6 +156,11 @@ class _SafetensorsFile(Mapping):
             if m.get("dtype") not in _ST_DTYPES or self._start + end > size or end < begin:
                 raise CheckpointError(f"{path}: cannot read safetensors file: tensor {key!r} has entry {m}, but the "
                                       f"file has {size} bytes (truncated?) or the dtype is unknown")
+        self._map = np.memmap(path, dtype=np.uint8, mode="r") if mmap else None
+
+    def entry(self, key: str) -> dict:
+        """The header entry of one tensor: dtype (safetensors' name), shape, data_offsets."""
+        return self._meta[key]
 
     def __getitem__(self, key):
         m = self._meta[key]
@@ -146,7 +168,10 @@ class _SafetensorsFile(Mapping):
         name = _ST_DTYPES[m["dtype"]]
         dtype = np.dtype(jnp.bfloat16) if name == "bfloat16" else np.dtype(name)
         count = (end - begin) // dtype.itemsize
-        arr = np.fromfile(self._path, dtype=dtype, count=count, offset=self._start + begin)
+        if self._map is not None:
+            arr = self._map[self._start + begin:self._start + begin + count * dtype.itemsize].view(dtype)
+        else:
+            arr = np.fromfile(self._path, dtype=dtype, count=count, offset=self._start + begin)
         if count != int(np.prod(m["shape"], dtype=np.int64)):
             raise CheckpointError(f"{self._path}: tensor {key!r}: {end - begin} bytes for shape {m['shape']}")
         arr = arr.reshape(m["shape"])
@@ -201,7 +226,12 @@ def _encoder_files(src: Path) -> list[Path]:
 
 def read_release(src: str | os.PathLike, *, colbert_dim: int | None = None) -> tuple[M3Config, dict]:
     """Reads a release-layout directory into (config, float32 parameter tree). Reports every problem at once."""
-    src = Path(src)
+    cfg, files = _release_tensors(Path(src), colbert_dim=colbert_dim)
+    return cfg, torch_to_params(files, cfg)
+
+
+def _release_tensors(src: Path, *, colbert_dim: int | None = None) -> tuple[M3Config, dict[str, Mapping]]:
+    """(config, {file: {torch key: lazily read float array}}) of a release directory; nothing big is read yet."""
     if not src.is_dir():
         raise CheckpointError(f"{src}: not a directory")
     missing_heads = [str(src / h) for h in HEAD_FILES if not (src / h).is_file()]
@@ -218,7 +248,7 @@ def read_release(src: str | os.PathLike, *, colbert_dim: int | None = None) -> t
     for name, sd in heads.items():
         prefix = name.removesuffix(".pt") + "."
         files[str(src / name)] = _LazyTensors({prefix + k: v for k, v in sd.items()})
-    return cfg, torch_to_params(files, cfg)
+    return cfg, files
 
 
 def export_release(src: Any, dst: str | os.PathLike, *, weights_format: str = "safetensors",
@@ -257,40 +287,109 @@ def export_release(src: Any, dst: str | os.PathLike, *, weights_format: str = "s
 
 
 # ------------------------------------------------------------------------------------------ m3jax layout
+def _params_layout(shapes: Mapping[str, tuple[int, ...]]) -> tuple[bytes, dict[str, int]]:
+    """(safetensors header, {m3jax path: absolute byte offset}) of params.safetensors: float32 tensors in the
+    model's order, those whose size is a multiple of ALIGN first, after a header padded with spaces (as safetensors
+    itself pads) to a multiple of ALIGN, so that all of those start aligned and load without a copy."""
+    order = sorted(shapes, key=lambda p: 4 * int(np.prod(shapes[p])) % ALIGN != 0)  # stable: model order kept
+    header: dict[str, Any] = {"__metadata__": {"format": "m3jax"}}
+    pos = 0
+    for p in order:
+        n = 4 * int(np.prod(shapes[p]))
+        header[p] = {"dtype": "F32", "shape": list(shapes[p]), "data_offsets": [pos, pos + n]}
+        pos += n
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % ALIGN)
+    start = 8 + len(raw)
+    return len(raw).to_bytes(8, "little") + raw, {p: start + header[p]["data_offsets"][0] for p in order}
+
+
+class _ParamsWriter:
+    """Writes params.safetensors a tensor (or one layer of a stacked tensor) at a time, with seek + write: a
+    writable map would keep every written page resident (dirty pages count toward the process's RSS)."""
+
+    def __init__(self, path: Path, shapes: Mapping[str, tuple[int, ...]]):
+        self.shapes = dict(shapes)
+        head, self.offsets = _params_layout(self.shapes)
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in __exit__
+        self.f.write(head)
+        self.f.truncate(len(head) + sum(4 * int(np.prod(s)) for s in self.shapes.values()))
+        self.f.flush()
+
+    def write(self, path: str, arr: np.ndarray, layer: int | None = None) -> None:
+        shape = self.shapes[path] if layer is None else self.shapes[path][1:]
+        if arr.shape != shape or arr.dtype != np.float32 or not arr.flags.c_contiguous:
+            raise CheckpointError(f"parameter {path!r}: expected a C-contiguous float32 array of shape {shape}, "
+                                  f"got {arr.dtype} {arr.shape}")
+        self.f.seek(self.offsets[path] + (0 if layer is None else layer * arr.nbytes))
+        self.f.write(memoryview(arr).cast("B"))  # large writes bypass the file's buffer: no copy
+
+    def __enter__(self) -> _ParamsWriter:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self.f.flush()
+                os.fsync(self.f.fileno())  # on disk before the directory is renamed into place
+        finally:
+            self.f.close()
+
+
+def _finish_m3jax(tmp: Path, cfg: M3Config, tokenizer_dir: str | os.PathLike, metadata: dict | None) -> None:
+    (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
+    meta = {"format": "m3jax", "version": FORMAT_VERSION, "colbert_dim": cfg.colbert_dim, **(metadata or {})}
+    _copy_tokenizer(tokenizer_dir, tmp)
+    (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+
+
 def save_m3jax(dst: str | os.PathLike, cfg: M3Config, params: Mapping, tokenizer_dir: str | os.PathLike, *,
                overwrite: bool = False, metadata: dict | None = None) -> Path:
-    """Writes an m3jax directory atomically: nothing appears at dst unless every file was written."""
-    import orbax.checkpoint as ocp
+    """Writes an m3jax directory atomically: nothing appears at dst unless every file was written.
 
-    # As jax arrays on the host CPU (device_put of an aligned numpy array aliases it, no copy): orbax's numpy path
-    # stages about two copies of each leaf, its jax.Array path about one.
-    cpu = jax.local_devices(backend="cpu")[0]
-    params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, dtype=np.float32), cpu), dict(params))
+    params: the nested parameter tree of cfg (numpy or jax arrays, any float dtype; stored as float32).
+    """
+    shapes = param_shapes(cfg)
+    flat = flatten(params)
+    problems = [f"missing parameter {p!r} (shape {s})" for p, s in shapes.items() if p not in flat]
+    problems += [f"unexpected parameter {p!r}" for p in flat if p not in shapes]
+    problems += [f"parameter {p!r} has shape {tuple(np.shape(v))}, expected {shapes[p]}" for p, v in flat.items()
+                 if p in shapes and tuple(np.shape(v)) != shapes[p]]
+    if problems:
+        raise CheckpointError(f"cannot save parameters for this config: {'; '.join(problems)}")
     with atomic_dir(dst, overwrite, CheckpointError) as tmp:
-        # Only the largest leaf's bytes in flight: the default (96 GB) stages every parameter before writing.
-        largest = max(x.nbytes for x in jax.tree_util.tree_leaves(params))
-        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(0.1, largest / 1e9 * 1.01)))
-        ckptr.save((tmp / "params").absolute(), args=ocp.args.StandardSave(params))  # synchronous
-        ckptr.close()
-        (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
-        meta = {"format": "m3jax", "version": FORMAT_VERSION, "colbert_dim": cfg.colbert_dim, **(metadata or {})}
-        _copy_tokenizer(tokenizer_dir, tmp)
-        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / "params").mkdir()
+        with _ParamsWriter(tmp / "params" / PARAMS_FILE, shapes) as w:
+            for p in shapes:  # one leaf at a time in host memory (a device array is fetched, then dropped)
+                w.write(p, np.ascontiguousarray(np.asarray(flat[p]), dtype=np.float32))
+        _finish_m3jax(tmp, cfg, tokenizer_dir, metadata)
     return Path(dst)
 
 
 def convert_release(src: str | os.PathLike, dst: str | os.PathLike, *, overwrite: bool = False) -> Path:
-    """Release-layout directory (or hub id) -> m3jax directory. Reads and checks everything before writing."""
+    """Release-layout directory (or hub id) -> m3jax directory, streamed: each tensor is read, checked, converted
+    and written before the next is read. Every problem is reported at once (ConversionError) and then nothing
+    appears at dst: the directory is assembled under a temporary name and renamed only when complete."""
     src = resolve(src)
-    cfg, params = read_release(src)
-    return save_m3jax(dst, cfg, params, src, overwrite=overwrite, metadata={"source": str(src)})
+    cfg, files = _release_tensors(src)
+    with atomic_dir(dst, overwrite, CheckpointError) as tmp:
+        (tmp / "params").mkdir()
+        with _ParamsWriter(tmp / "params" / PARAMS_FILE, param_shapes(cfg)) as w:
+            for slot, arr in converted_tensors(files, cfg):
+                w.write(slot.path, arr, slot.layer)
+                del arr  # before the next tensor is read
+        _finish_m3jax(tmp, cfg, src, {"source": str(src)})
+    return Path(dst)
 
 
 def read_m3jax(src: str | os.PathLike, *, dtype: Any = "float32") -> tuple[M3Config, dict]:
-    """(config, parameter tree) of an m3jax directory. dtype: what the matmul parameters are restored as
-    ("bfloat16" halves the memory a bf16 model needs at load); LayerNorm parameters stay float32."""
-    import orbax.checkpoint as ocp
+    """(config, parameter tree of jax arrays on the host CPU) of an m3jax directory.
 
+    dtype: what the matmul parameters are restored as ("bfloat16" halves the memory a bf16 model needs at load);
+    LayerNorm parameters stay float32. Restored as float32, the parameters of a version-2 directory are the pages of
+    a read-only memory map of params/params.safetensors (no copy; pages become resident as they are read), so the
+    file must not be modified in place while they are in use (m3jax itself only ever replaces whole directories).
+    """
     from m3jax.model import resolve_dtype
 
     src = Path(src).absolute()
@@ -302,18 +401,50 @@ def read_m3jax(src: str | os.PathLike, *, dtype: Any = "float32") -> tuple[M3Con
         raise CheckpointError(f"{src / MARKER}: unsupported format {meta.get('format')!r} "
                               f"version {meta.get('version')!r}")
     cfg = M3Config.from_json_file(src / "config.json", colbert_dim=meta.get("colbert_dim"))
-    shapes = param_shapes(cfg)
-    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     wide = resolve_dtype(dtype)
+    if meta.get("version", 0) >= 2:
+        return cfg, _map_params(src / "params" / PARAMS_FILE, cfg, wide)
+    return cfg, _restore_orbax(src / "params", cfg, wide)
+
+
+def _map_params(path: Path, cfg: M3Config, wide: Any) -> dict:
+    shapes = param_shapes(cfg)
+    narrow = np.dtype(wide) != np.float32
+    try:  # float32: mapped, no copy. Narrower: each tensor read, cast and dropped (mapped pages would stay resident)
+        st = _SafetensorsFile(path, mmap=not narrow)
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read parameters ({type(e).__name__}: {e})") from None
+    problems = [f"missing parameter {p!r} (shape {s})" for p, s in shapes.items() if p not in st]
+    problems += [f"unexpected parameter {p!r}" for p in st if p not in shapes]
+    problems += [f"parameter {p!r} is {st.entry(p)['dtype']} {tuple(st.entry(p)['shape'])}, expected F32 {s}"
+                 for p, s in shapes.items() if p in st and (st.entry(p)["dtype"] != "F32"
+                                                           or tuple(st.entry(p)["shape"]) != s)]
+    if problems:
+        raise CheckpointError(f"{path}: does not match config.json: {'; '.join(problems)}")
+    cpu = jax.local_devices(backend="cpu")[0]
+    out = {}
+    for p in shapes:
+        arr = st[p]
+        if "LayerNorm" not in p and narrow:
+            arr = arr.astype(wide)
+        out[p] = jax.device_put(arr, cpu)  # aliases aligned host arrays (the mapped float32 ones: no copy)
+        del arr
+    return unflatten(out)
+
+
+def _restore_orbax(path: Path, cfg: M3Config, wide: Any) -> dict:
+    """Format version 1: params/ is an orbax checkpoint of the float32 tree."""
+    import orbax.checkpoint as ocp
+
+    cpu = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])
     target = unflatten({p: jax.ShapeDtypeStruct(s, jnp.float32 if "LayerNorm" in p else wide, sharding=cpu)
-                        for p, s in shapes.items()})
+                        for p, s in param_shapes(cfg).items()})
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            params = ckptr.restore(src / "params", target)
+            return ckptr.restore(path, target)
     except Exception as e:  # noqa: BLE001
-        raise CheckpointError(f"{src / 'params'}: cannot restore parameters ({type(e).__name__}: "
+        raise CheckpointError(f"{path}: cannot restore parameters ({type(e).__name__}: "
                               f"{str(e).splitlines()[0] if str(e) else ''})") from None
-    return cfg, params
 
 
 def load_params(name_or_path: str | os.PathLike, *, dtype: Any = "float32", **resolve_kw

@@ -7,7 +7,7 @@ in PyTorch and [in, out] kernels here; per-layer tensors `encoder.layer.{i}.*` a
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
@@ -92,15 +92,16 @@ def slots(cfg: M3Config) -> dict[str, Slot]:
     return out
 
 
-def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32) -> dict:
-    """Converts PyTorch tensors (encoder and both heads) into m3jax's nested parameter dict.
+def converted_tensors(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32
+                      ) -> Iterator[tuple[Slot, np.ndarray]]:
+    """Yields (slot, C-contiguous array in m3jax's layout and dtype) for each PyTorch tensor, one at a time: each is
+    read from its mapping only when its turn comes, so a consumer that writes it out and drops it holds one tensor.
 
     files: {source name (a file path): {torch key: array}}; the name is what error messages cite. Keys may carry a
-    `roberta.` prefix; the pooler is ignored. Raises ConversionError listing every missing, unexpected, wrongly
-    shaped, non-float and non-finite tensor at once.
+    `roberta.` prefix; the pooler is ignored. After the last tensor, raises ConversionError listing every missing,
+    unexpected, wrongly shaped, non-float and non-finite tensor at once (tensors already yielded included).
     """
     table = slots(cfg)
-    flat = {path: np.zeros(shape, dtype) for path, shape in param_shapes(cfg).items()}
     problems, seen = [], {}
     for source, tensors in files.items():
         for raw_key in tensors:
@@ -123,20 +124,33 @@ def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config
             if not np.issubdtype(arr.dtype, np.floating):
                 problems.append(f"{source}: tensor {raw_key!r} has dtype {arr.dtype}, expected a float type")
                 continue
-            finite = np.isfinite(arr)
-            if not finite.all():
-                problems.append(f"{source}: tensor {raw_key!r} has {int(arr.size - finite.sum())} non-finite "
-                                "value(s)")
+            bad = _count_non_finite(arr)
+            if bad:
+                problems.append(f"{source}: tensor {raw_key!r} has {bad} non-finite value(s)")
                 continue
-            arr = arr.T if slot.transpose else arr
-            if slot.layer is None:
-                flat[slot.path] = arr.astype(dtype, copy=False)
-            else:
-                flat[slot.path][slot.layer] = arr
+            yield slot, np.ascontiguousarray(arr.T if slot.transpose else arr, dtype=dtype)
+            del arr
     where = ", ".join(files) or "no files"
     problems += [f"{where}: missing tensor {k!r} (shape {s.torch_shape})" for k, s in table.items() if k not in seen]
     if problems:
         raise ConversionError(problems)
+
+
+def _count_non_finite(arr: np.ndarray, rows: int = 1 << 14) -> int:
+    """Checked in blocks of rows: a [250002, 1024] table's boolean mask would cost a quarter of the table."""
+    flat = arr.reshape(len(arr), -1) if arr.ndim > 1 else arr.reshape(-1, 1)
+    return sum(int(flat[i:i + rows].size - np.isfinite(flat[i:i + rows]).sum()) for i in range(0, len(flat), rows))
+
+
+def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32) -> dict:
+    """Converts PyTorch tensors (encoder and both heads) into m3jax's nested parameter dict (see converted_tensors
+    for `files` and the errors)."""
+    flat = {path: np.zeros(shape, dtype) for path, shape in param_shapes(cfg).items()}
+    for slot, arr in converted_tensors(files, cfg, dtype=dtype):
+        if slot.layer is None:
+            flat[slot.path] = arr
+        else:
+            flat[slot.path][slot.layer] = arr
     return unflatten(flat)
 
 
