@@ -145,6 +145,6 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
     updates, opt_state = tx.update(grads, opt_state, state)
     state = layout(optax.apply_updates(state, updates))
     metrics = {"loss": losses.mean(), **{k: v.mean() for k, v in parts.items()},
-               "grad_norm": optax.global_norm(grads),
+               "grad_norm": optax.tree.norm(grads),
                "tokens": batches["q_mask"].astype(jnp.int32).sum() + batches["p_mask"].astype(jnp.int32).sum()}
     return state, layout(opt_state), metrics
