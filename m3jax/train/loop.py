@@ -82,6 +82,8 @@ class TrainConfig:
       seed: data order, sampling and dropout.
       save_steps, save_total_limit: checkpoint every N optimiser steps, keep the last K (None: all).
       shuffle_buffer_size: rows held for shuffling (TrainData).
+      length_buckets: padded lengths (default m3jax.encode.LENGTH_BUCKETS); each side's max length is always one.
+        Fewer buckets, fewer compilations: () pads every batch to query_max_len / passage_max_len.
       quiet: no progress bar.
     """
 
@@ -107,6 +109,7 @@ class TrainConfig:
     save_steps: int = 500
     save_total_limit: int | None = None
     shuffle_buffer_size: int = 100_000
+    length_buckets: tuple[int, ...] | None = None
     quiet: bool = False
 
     def __post_init__(self):
@@ -187,7 +190,8 @@ class _Run:
         local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
         self.data = TrainData(sources, Tokenizer(self.tok_dir), c.data, batch_size=c.per_device_batch_size * local,
                               seed=c.seed, process_index=process, num_processes=nproc,
-                              shuffle_buffer_size=c.shuffle_buffer_size, pad_id=self.cfg.pad_token_id)
+                              shuffle_buffer_size=c.shuffle_buffer_size, pad_id=self.cfg.pad_token_id,
+                              **({} if c.length_buckets is None else {"buckets": tuple(c.length_buckets)}))
         rows = self.data.validate()
         global_batch = c.per_device_batch_size * self.world
         self.batches_per_epoch = rows // global_batch
