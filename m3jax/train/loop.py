@@ -230,7 +230,7 @@ class _Run:
         self.resumed_from = self.ckpt.latest_step()
         if self.resumed_from is not None:
             meta = self.ckpt.read_meta(self.resumed_from)
-            if meta.get("settings") != self.settings:
+            if _comparable(meta.get("settings")) != _comparable(self.settings):
                 raise TrainError(f"{self.ckpt.directory / str(self.resumed_from)}: checkpoint of a run with other "
                                  f"settings: {_diff(meta.get('settings'), self.settings)}")
             state, opt_state, meta = self.ckpt.restore(self.resumed_from, state, opt_state)
@@ -252,7 +252,7 @@ class _Run:
                 old = json.loads(path.read_text())
             except json.JSONDecodeError as e:
                 raise TrainError(f"{path}: unreadable ({e}); not an m3jax training directory?") from None
-            if old != self.settings:
+            if _comparable(old) != _comparable(self.settings):
                 raise TrainError(f"{self.out}: holds a run with other settings ({_diff(old, self.settings)}); use "
                                  f"another output directory, or the same settings to resume")
         elif (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
@@ -406,6 +406,11 @@ def _fingerprint(state) -> str:
         h.update(jax.tree_util.keystr(path).encode())
         h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
     return h.hexdigest()
+
+
+def _comparable(settings):
+    """Settings as compared on resume: the model by its weights' hash, not by how its path was spelled."""
+    return {k: v for k, v in settings.items() if k != "model"} if isinstance(settings, dict) else settings
 
 
 def _jsonable(x):
