@@ -95,3 +95,37 @@ def test_trained_model_exports_and_flagembedding_agrees(runs, flag_model_factory
     batch, ref = flag_outputs(fe, SENTENCES)
     _, ours = m3jax_outputs(release, batch)
     check_parity(ours, ref, flag_outputs_float64(fe, batch), batch["attention_mask"].numpy())
+
+
+def test_killed_run_resumes_to_the_same_parameters(runs, tmp_path):
+    """`m3jax train` SIGKILLed right after its step-2 checkpoint (while writing later ones), then fit() again: the
+    same parameters as the straight run (save_steps may differ between a run and its resumption)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "killed"
+    flags = [f if f != "2" or CLI_FLAGS[i - 1] != "--save-steps" else "1" for i, f in enumerate(CLI_FLAGS)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "m3jax", "train", str(runs["data"]), "--model", str(runs["model"]),
+                             "--output", str(out), *flags], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "checkpoints" / "2").is_dir():
+            assert proc.poll() is None, proc.stderr.read()[-3000:].decode()
+            assert time.monotonic() < deadline, "no step-2 checkpoint within 300 s"
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert not (out / "final").exists(), "the run finished before it was killed: nothing was tested"
+    result = fit(runs["model"], str(runs["data"]), out, CONFIG)
+    assert 2 <= result.resumed_from < 6
+    straight, resumed = leaves(runs["root"] / "straight" / "final"), leaves(out / "final")
+    for k in straight:
+        np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
