@@ -26,6 +26,22 @@ CLI_FLAGS = ["--train-group-size", "2", "--query-max-len", "16", "--passage-max-
 LOSS_TERMS = {"loss", "dense", "sparse", "colbert", "ensemble", "self_distill"}
 
 
+class FakeTensorBoard:
+    """Stands in for tensorboardX (not installed here): records what fit() writes."""
+
+    scalars: list = []
+
+    class SummaryWriter:
+        def __init__(self, logdir):
+            self.logdir = logdir
+
+        def add_scalar(self, tag, value, step):
+            FakeTensorBoard.scalars.append((tag, value, step))
+
+        def close(self):
+            pass
+
+
 def leaves(path):
     _, params, _ = load_params(path)
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(params)}
@@ -41,8 +57,18 @@ def runs(release_dirs, tmp_path_factory):
                             for i, (q, p) in enumerate(zip(queries, passages, strict=False))))
     model = release_dirs["tiny"]
     assert cli.main(["train", str(data), "--model", str(model), "--output", str(root / "straight"), *CLI_FLAGS]) == 0
-    first = fit(model, str(data), root / "split", CONFIG, until_step=3)
-    second = fit(model, str(data), root / "split", CONFIG)
+    import sys
+
+    saved = sys.modules.get("tensorboardX")
+    sys.modules["tensorboardX"] = FakeTensorBoard
+    try:
+        first = fit(model, str(data), root / "split", CONFIG, until_step=3)
+        second = fit(model, str(data), root / "split", CONFIG)
+    finally:
+        if saved is None:
+            del sys.modules["tensorboardX"]
+        else:
+            sys.modules["tensorboardX"] = saved
     return {"root": root, "data": data, "model": model, "first": first, "second": second}
 
 
@@ -68,6 +94,9 @@ def test_resumed_run_equals_straight_run_exactly(runs):
         assert a["tokens_per_s"] > 0 and np.isfinite(a["loss"])
     # The rate each step used: warm-up over 1 step (0 at step 0), then linear decay to 0 at step 6.
     assert [r["lr"] for r in rows] == pytest.approx([0.0, 1e-3, 8e-4, 6e-4, 4e-4, 2e-4])
+    # TensorBoard, when a writer is importable: the same scalars as the log.
+    logged = {(f"train/{k}", v, r["step"]) for r in again for k, v in r.items() if k not in ("step", "epoch")}
+    assert set(FakeTensorBoard.scalars) == logged and len(FakeTensorBoard.scalars) == len(logged)
     # save_steps 2, save_total_limit 2: the last two of 2, 4, 6 are kept.
     assert sorted(int(p.name) for p in (root / "straight" / "checkpoints").iterdir() if p.name.isdigit()) == [4, 6]
 
