@@ -265,11 +265,19 @@ def save_m3jax(dst: str | os.PathLike, cfg: M3Config, params: Mapping, tokenizer
     # As jax arrays on the host CPU (device_put of an aligned numpy array aliases it, no copy): orbax's numpy path
     # stages about two copies of each leaf, its jax.Array path about one.
     cpu = jax.local_devices(backend="cpu")[0]
-    params = jax.tree_util.tree_map(lambda x: jax.device_put(np.asarray(x, dtype=np.float32), cpu), dict(params))
+    # (In a multi-process job orbax refuses process-local jax.Arrays; numpy arrays are written by this process.)
+    place = (lambda x: x) if jax.process_count() > 1 else (lambda x: jax.device_put(x, cpu))
+    params = jax.tree_util.tree_map(lambda x: place(np.asarray(x, dtype=np.float32)), dict(params))
     with atomic_dir(dst, overwrite, CheckpointError) as tmp:
         # Only the largest leaf's bytes in flight: the default (96 GB) stages every parameter before writing.
         largest = max(x.nbytes for x in jax.tree_util.tree_leaves(params))
-        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(0.1, largest / 1e9 * 1.01)))
+        # This process alone writes (in a multi-host job, one process saves the gathered model): no barrier waits
+        # for processes that are not saving.
+        alone = ocp.options.MultiprocessingOptions(primary_host=jax.process_index(),
+                                                   active_processes={jax.process_index()})
+        ckptr = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=max(0.1, largest / 1e9 * 1.01),
+                                                               multiprocessing_options=alone),
+                                 multiprocessing_options=alone)
         ckptr.save((tmp / "params").absolute(), args=ocp.args.StandardSave(params))  # synchronous
         ckptr.close()
         (tmp / "config.json").write_text(json.dumps(cfg.to_hf_config(), indent=2) + "\n")
