@@ -21,6 +21,9 @@ What a run writes under output_dir:
   final/: the trained model as an m3jax directory; `m3jax export output_dir/final DIR` gives the release layout
     FlagEmbedding loads.
 
+Before training, every row is parsed once (TrainData.validate): the row count sets the number of steps, and a bad
+row fails the run before it starts rather than hours in.
+
 Semantics follow the HF Trainer FlagEmbedding runs in: per_device_batch_size queries per device per micro-batch;
 gradient_accumulation_steps micro-batches per optimiser step, each its own forward with its own in-batch negatives
 (gradients averaged); steps per epoch = (batches per epoch) // accumulation steps (an epoch's leftover micro-batches,
