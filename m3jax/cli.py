@@ -1,4 +1,4 @@
-"""Command line: `m3jax demo | convert | export | bench | embed | eval` (also `python -m m3jax ...`).
+"""Command line: `m3jax demo | convert | export | bench | embed | eval | train` (also `python -m m3jax ...`).
 
 This module only parses arguments; each command calls a plain library function."""
 
@@ -129,6 +129,50 @@ def evaluate(args) -> int:
     return 0
 
 
+def train(args) -> int:
+    from m3jax.train import DataConfig, DataError, LossConfig, TrainConfig, TrainError, fit
+
+    try:
+        cfg = TrainConfig(
+            data=DataConfig(train_group_size=args.train_group_size, query_max_len=args.query_max_len,
+                            passage_max_len=args.passage_max_len, knowledge_distillation=args.knowledge_distillation,
+                            query_instruction_for_retrieval=args.query_instruction_for_retrieval,
+                            query_instruction_format=args.query_instruction_format,
+                            passage_instruction_for_retrieval=args.passage_instruction_for_retrieval,
+                            passage_instruction_format=args.passage_instruction_format,
+                            shuffle_ratio=args.shuffle_ratio),
+            loss=LossConfig(temperature=args.temperature, unified_finetuning=args.unified_finetuning,
+                            use_self_distill=args.use_self_distill,
+                            self_distill_start_step=args.self_distill_start_step,
+                            kd_loss_type=args.kd_loss_type, negatives_cross_device=args.negatives_cross_device,
+                            sentence_pooling_method=args.sentence_pooling_method,
+                            normalize_embeddings=args.normalize_embeddings, fix_encoder=args.fix_encoder,
+                            fix_position_embedding=args.fix_position_embedding),
+            per_device_batch_size=args.per_device_batch_size,
+            gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
+            max_steps=args.max_steps, learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio,
+            warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
+            bf16=args.bf16, remat=args.remat, fsdp=args.fsdp, dropout=not args.no_dropout, seed=args.seed,
+            save_steps=args.save_steps, save_total_limit=args.save_total_limit, quiet=args.quiet)
+        result = fit(args.model, args.data, args.output, cfg, until_step=args.until_step,
+                     coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    except (TrainError, DataError, ValueError) as e:
+        print(f"m3jax train: error: {e}", file=sys.stderr)
+        return 2
+    if not args.quiet:
+        where = result.final_dir or f"{args.output}/checkpoints (stopped at --until-step)"
+        print(f"trained {result.steps} step(s); model: {where}; log: {args.output}/train_log.jsonl")
+    return 0
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected True or False, got {text!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,6 +265,60 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--process-id", type=int, default=None)
     m.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     m.set_defaults(func=embed)
+
+    t = sub.add_parser("train", help="fine-tune on FlagEmbedding-format JSON lines (M3 unified fine-tuning, "
+                                     "self-distillation); resumable, multi-host")
+    t.add_argument("data", nargs="+", help="JSON-lines files, directories of them, or fsspec URLs: {query, pos, "
+                                           "neg[, pos_scores, neg_scores][, prompt]} per line")
+    t.add_argument("--model", required=True, help="m3jax or release directory, or hub id")
+    t.add_argument("--output", required=True, help="output directory: checkpoints, train_log.jsonl, final/; "
+                                                   "rerun to resume")
+    # FlagEmbedding's M3 runner's flags (same names with dashes, same defaults); boolean ones take an optional
+    # True/False as HfArgumentParser's do: `--unified-finetuning` or `--unified-finetuning True`.
+    t.add_argument("--train-group-size", type=int, default=8)
+    t.add_argument("--query-max-len", type=int, default=32)
+    t.add_argument("--passage-max-len", type=int, default=128)
+    t.add_argument("--knowledge-distillation", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--query-instruction-for-retrieval", default=None)
+    t.add_argument("--query-instruction-format", default="{}{}")
+    t.add_argument("--passage-instruction-for-retrieval", default=None)
+    t.add_argument("--passage-instruction-format", default="{}{}")
+    t.add_argument("--shuffle-ratio", type=float, default=0.0)
+    t.add_argument("--learning-rate", type=float, default=5e-5)
+    t.add_argument("--warmup-ratio", type=float, default=0.0)
+    t.add_argument("--warmup-steps", type=int, default=0)
+    t.add_argument("--weight-decay", type=float, default=0.0)
+    t.add_argument("--max-grad-norm", type=float, default=1.0)
+    t.add_argument("--num-train-epochs", type=float, default=3.0)
+    t.add_argument("--max-steps", type=int, default=-1, help="> 0: this many optimiser steps, whatever the epochs")
+    t.add_argument("--per-device-batch-size", "--per-device-train-batch-size", type=int, default=8,
+                   dest="per_device_batch_size")
+    t.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    t.add_argument("--temperature", type=float, default=0.02)
+    t.add_argument("--unified-finetuning", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--use-self-distill", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--self-distill-start-step", type=int, default=-1)
+    t.add_argument("--kd-loss-type", default="kl_div", choices=["kl_div", "m3_kd_loss"])
+    t.add_argument("--negatives-cross-device", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--sentence-pooling-method", default="cls", choices=["cls", "mean"])
+    t.add_argument("--normalize-embeddings", type=_bool, nargs="?", const=True, default=True, metavar="BOOL")
+    t.add_argument("--fix-encoder", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--fix-position-embedding", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--save-steps", type=int, default=500)
+    t.add_argument("--save-total-limit", type=int, default=None)
+    t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
+    t.add_argument("--remat", "--gradient-checkpointing", action="store_true", dest="remat",
+                   help="recompute each layer in the backward pass (long passages)")
+    t.add_argument("--fsdp", action="store_true", help="shard parameters and optimiser state over the devices")
+    t.add_argument("--no-dropout", action="store_true", help="train without dropout (deterministic forward)")
+    t.add_argument("--seed", type=int, default=42)
+    t.add_argument("--until-step", type=int, default=None, help="stop after this step (checkpointed); rerun to "
+                                                                "continue")
+    t.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host runs)")
+    t.add_argument("--num-processes", type=int, default=None)
+    t.add_argument("--process-id", type=int, default=None)
+    t.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
+    t.set_defaults(func=train)
     return p
 
 

@@ -162,6 +162,9 @@ class Encoder(nnx.Module):
             return Layer(cfg, dtype, r)
 
         self.layer = make(rngs)  # every parameter has a leading [L] axis
+        # Rematerialisation (training): each layer's activations are recomputed in the backward pass instead of
+        # stored, so the memory of a step is one layer's, not L layers'. A static attribute: part of the graphdef.
+        self.remat = False
 
     def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None
                  ) -> jax.Array:
@@ -173,7 +176,7 @@ class Encoder(nnx.Module):
             layer_state, key = xs
             return nnx.merge(graphdef, layer_state)(h, mask, impl, key), None
 
-        x, _ = jax.lax.scan(body, x, (state, keys))
+        x, _ = jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, (state, keys))
         return x
 
 

@@ -7,8 +7,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -71,3 +73,78 @@ def train_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.OptSta
     # Clipping sees only trainable gradients, as clip_grad_norm_ over parameters whose grad is None would.
     updates, opt_state = tx.update(grads, opt_state, state)
     return optax.apply_updates(state, updates), opt_state, loss, parts
+
+
+def cast_params(state: Any, dtype: Any) -> Any:
+    """The compute copy of float32 master weights: matmul and embedding parameters in dtype, LayerNorm parameters
+    kept float32 (the model computes LayerNorm in float32 whatever its dtype). Differentiable: the gradient of a
+    cast is the cast back, so gradients reach the float32 masters as float32."""
+    dtype = jnp.dtype(dtype)
+    if dtype == jnp.float32:
+        return state
+    return jax.tree_util.tree_map_with_path(
+        lambda kp, x: x if "LayerNorm" in param_path(kp) else x.astype(dtype), state)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "flags", "tx", "mesh", "fsdp", "compute_dtype", "dropout"),
+                   donate_argnames=("state", "opt_state"))
+def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.OptState, batches: dict,
+                    step: jax.Array, rng: jax.Array, *, flags: LossConfig, tx: optax.GradientTransformation,
+                    mesh: jax.sharding.Mesh | None = None, fsdp: bool = False, compute_dtype: str = "float32",
+                    dropout: bool = True) -> tuple[nnx.State, optax.OptState, dict]:
+    """One optimiser step over A micro-batches, as the HF Trainer takes it with gradient_accumulation_steps = A:
+    each micro-batch its own forward (its own in-batch negatives), the gradients averaged over the A, then clip and
+    AdamW once. state (float32 masters) and opt_state are donated: do not reuse them.
+
+    Args:
+      graphdef: of a model built with dtype=compute_dtype (its matmuls run in that dtype) and, for
+        rematerialisation, encoder.remat = True.
+      batches: the batch fields stacked over micro-batches: q_ids, q_mask [A, B, Lq]; p_ids, p_mask [A, B·G, Lp];
+        optional teacher_scores [A, B, G]. With a mesh, B is the global batch, split over the data axis (each
+        device computes the reference's per-rank loss; loss and gradients are averaged over devices, as DDP).
+      step: optimiser steps taken so far; the forward counter that gates self-distillation is step·A + i.
+      rng: a PRNG key; micro-batch i of step s (and device d) draws dropout from fold_in(fold_in(rng, s·A + i), d).
+      fsdp: keep gradients, parameters and optimiser state in the FSDP layout (m3jax.train.sharding).
+      dropout: apply the config's dropout rates (training, as torch's model.train()); False: exact forward.
+    Returns (state, opt_state, metrics): loss and its parts (means over micro-batches), grad_norm (before
+    clipping), tokens (real tokens in the step's batches).
+    """
+    from jax.sharding import PartitionSpec as P
+
+    from m3jax.train.loss import DATA_AXIS, loss_fn
+    from m3jax.train.sharding import tree_shardings
+
+    A = batches["q_ids"].shape[0]
+    layout = (lambda t: t) if mesh is None else (
+        lambda t: jax.lax.with_sharding_constraint(t, tree_shardings(t, mesh, fsdp)))
+
+    def device_loss(cstate, micro, fwd_step, key):
+        k = None
+        if dropout:
+            k = key if mesh is None else jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        return loss_fn(graphdef, cstate, micro, fwd_step, flags, None if mesh is None else DATA_AXIS, k)
+
+    def micro_loss(state, micro, fwd_step, key):
+        cstate = cast_params(state, compute_dtype)
+        if mesh is None:
+            return device_loss(cstate, micro, fwd_step, key)
+        per = jax.shard_map(lambda *a: jax.tree_util.tree_map(lambda x: x[None], device_loss(*a)), mesh=mesh,
+                            in_specs=(P(), P(DATA_AXIS), P(), P()), out_specs=P(DATA_AXIS))
+        return jax.tree_util.tree_map(lambda x: x.mean(0), per(cstate, micro, fwd_step, key))
+
+    def body(gsum, xs):
+        i, micro = xs
+        fwd_step = step * A + i
+        (loss, parts), g = jax.value_and_grad(micro_loss, has_aux=True)(state, micro, fwd_step,
+                                                                         jax.random.fold_in(rng, fwd_step))
+        return layout(jax.tree_util.tree_map(jnp.add, gsum, g)), (loss, parts)
+
+    zeros = layout(jax.tree_util.tree_map(jnp.zeros_like, state))
+    gsum, (losses, parts) = jax.lax.scan(body, zeros, (jnp.arange(A), batches))
+    grads = jax.tree_util.tree_map(lambda g: g / A, gsum)
+    updates, opt_state = tx.update(grads, opt_state, state)
+    state = layout(optax.apply_updates(state, updates))
+    metrics = {"loss": losses.mean(), **{k: v.mean() for k, v in parts.items()},
+               "grad_norm": optax.tree.norm(grads),
+               "tokens": batches["q_mask"].astype(jnp.int32).sum() + batches["p_mask"].astype(jnp.int32).sum()}
+    return state, layout(opt_state), metrics

@@ -1,0 +1,460 @@
+"""`fit`: fine-tune a BGE-M3 checkpoint on FlagEmbedding-format training data, as FlagEmbedding's M3 runner does.
+
+    from m3jax.train import TrainConfig, fit
+    from m3jax.train.data import DataConfig
+    from m3jax.train.loss import LossConfig
+    fit("BAAI/bge-m3", ["train.jsonl"], "out", TrainConfig(
+        data=DataConfig(train_group_size=8, query_max_len=512, passage_max_len=512),
+        loss=LossConfig(unified_finetuning=True, use_self_distill=True, self_distill_start_step=0),
+        learning_rate=1e-5, warmup_ratio=0.1, num_train_epochs=1, per_device_batch_size=4, bf16=True))
+
+What a run writes under output_dir:
+  train_settings.json: what determines the run (model, data files, every TrainConfig field that changes the
+    result, the device count); a rerun with other settings is refused rather than mixed into the same checkpoints.
+  checkpoints/<step>/: orbax checkpoints (m3jax.train.checkpoints), every save_steps steps, the last
+    save_total_limit kept. A rerun resumes from the latest one, exactly (same parameters as an uninterrupted run).
+  train_log.jsonl: one JSON object per optimiser step: step, epoch, loss and the loss terms the loss returns
+    (dense, sparse, colbert, ensemble, self_distill), lr (the rate this step used), grad_norm (before clipping),
+    tokens (real tokens in the step's batches), tokens_per_s, seconds.
+  tensorboard/: the same scalars, only if a TensorBoard writer is importable (tensorboardX or torch's
+    torch.utils.tensorboard with the tensorboard package); m3jax does not depend on one.
+  final/: the trained model as an m3jax directory; `m3jax export output_dir/final DIR` gives the release layout
+    FlagEmbedding loads.
+
+Before training, every row is parsed once (TrainData.validate): the row count sets the number of steps, and a bad
+row fails the run before it starts rather than hours in.
+
+Semantics follow the HF Trainer FlagEmbedding runs in: per_device_batch_size queries per device per micro-batch;
+gradient_accumulation_steps micro-batches per optimiser step, each its own forward with its own in-batch negatives
+(gradients averaged); steps per epoch = (batches per epoch) // accumulation steps (an epoch's leftover micro-batches,
+fewer than one step's worth, are skipped and logged); total steps = max_steps if > 0, else
+ceil(num_train_epochs · steps per epoch); the AdamW schedule of m3jax.train.step over those steps. Dropout is on
+at the checkpoint's rates (torch's model.train()). bf16: the float32 master weights are cast to bfloat16 inside the
+step (LayerNorm stays float32); gradients, clipping and AdamW state are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from m3jax.train.data import DataConfig, TrainData, collate
+from m3jax.train.loss import LossConfig
+
+logger = logging.getLogger("m3jax")
+SETTINGS = "train_settings.json"
+LOG = "train_log.jsonl"
+SETTINGS_VERSION = 1
+# TrainConfig fields that may change between a run and its resumption: they do not change the result.
+_RESUMABLE = ("save_steps", "save_total_limit", "quiet")
+
+
+class TrainError(ValueError):
+    """A run that cannot start or resume (wrong settings, too little data, a foreign output directory)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """FlagEmbedding's M3 runner arguments (HF TrainingArguments defaults unless said otherwise).
+
+    Attributes:
+      data: group size, max lengths, instructions, knowledge distillation (m3jax.train.data.DataConfig).
+      loss: the M3 flags and temperature (m3jax.train.loss.LossConfig).
+      per_device_batch_size: queries per device per micro-batch (per_device_train_batch_size).
+      gradient_accumulation_steps: micro-batches per optimiser step.
+      num_train_epochs, max_steps: run length; max_steps > 0 wins.
+      learning_rate, warmup_ratio, warmup_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon,
+        max_grad_norm: the optimiser (m3jax.train.step.OptimConfig).
+      bf16: bfloat16 compute over float32 master weights.
+      remat: recompute each encoder layer's activations in the backward pass (gradient_checkpointing): the memory
+        of one layer instead of all, for long passages, at the cost of a second forward.
+      fsdp: shard parameters and optimiser state over the data axis (m3jax.train.sharding).
+      dropout: train with the checkpoint's dropout rates (False: deterministic forward).
+      seed: data order, sampling and dropout.
+      save_steps, save_total_limit: checkpoint every N optimiser steps, keep the last K (None: all).
+      shuffle_buffer_size: rows held for shuffling (TrainData).
+      length_buckets: padded lengths (default m3jax.encode.LENGTH_BUCKETS); each side's max length is always one.
+        Fewer buckets, fewer compilations: () pads every batch to query_max_len / passage_max_len.
+      quiet: no progress bar.
+    """
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)
+    per_device_batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    num_train_epochs: float = 3.0
+    max_steps: int = -1
+    learning_rate: float = 5e-5
+    warmup_ratio: float = 0.0
+    warmup_steps: int = 0
+    weight_decay: float = 0.0
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_epsilon: float = 1e-8
+    max_grad_norm: float = 1.0
+    bf16: bool = False
+    remat: bool = False
+    fsdp: bool = False
+    dropout: bool = True
+    seed: int = 42
+    save_steps: int = 500
+    save_total_limit: int | None = None
+    shuffle_buffer_size: int = 100_000
+    length_buckets: tuple[int, ...] | None = None
+    quiet: bool = False
+
+    def __post_init__(self):
+        for name in ("per_device_batch_size", "gradient_accumulation_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps <= 0 and not self.num_train_epochs > 0:
+            raise ValueError(f"give max_steps > 0 or num_train_epochs > 0 (got {self.max_steps}, "
+                             f"{self.num_train_epochs})")
+        if not self.learning_rate >= 0:
+            raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+
+    def settings(self) -> dict:
+        """The fields that determine the result, as JSON."""
+        d = dataclasses.asdict(self)
+        for k in _RESUMABLE:
+            d.pop(k)
+        return d
+
+
+@dataclasses.dataclass(frozen=True)
+class FitResult:
+    final_dir: Path | None  # the trained model, an m3jax directory (None when stopped by until_step)
+    steps: int  # optimiser steps taken in total (this call and earlier ones)
+    resumed_from: int | None  # the checkpoint step this call resumed from
+    last: dict  # the last step's logged metrics ({} if this call took no step)
+
+
+def fit(model: str | os.PathLike, data: str | Sequence[str], output_dir: str | os.PathLike,
+        config: TrainConfig | None = None, *, until_step: int | None = None, devices: Any = None,
+        coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
+        compilation_cache: bool | str = True) -> FitResult:
+    """Fine-tunes `model` (m3jax or release directory, or hub id) on `data` (JSON-lines files, directories or
+    fsspec URLs in FlagEmbedding's format) and writes output_dir (see the module docstring); resumes from
+    output_dir's latest checkpoint when there is one.
+
+    until_step: stop after this optimiser step (writing a checkpoint there) without finishing the run, e.g. for
+    jobs with a time slice; a later fit() call with the same settings continues. final_dir is then None.
+
+    devices: the mesh's devices (default: all of every process). coordinator, num_processes, process_id:
+    multi-host, as `m3jax embed` (m3jax.embed.distributed.initialize; also from $M3JAX_COORDINATOR etc., and
+    automatic on Cloud TPU pod slices); each process reads the stream and keeps its own rows of each batch.
+    """
+    from m3jax.embed.distributed import initialize
+    from m3jax.engine import configure_compilation_cache
+
+    config = config or TrainConfig()
+    if until_step is not None and until_step < 1:
+        raise ValueError(f"until_step must be >= 1 or None, got {until_step}")
+    process, nproc = initialize(coordinator, num_processes, process_id)
+    configure_compilation_cache(compilation_cache)
+    run = _Run(model, data, Path(output_dir).absolute(), config, devices, process, nproc)
+    try:
+        return run.train(until_step)
+    finally:
+        run.close()
+
+
+class _Run:
+    """One fit() call: builds everything, then trains, checkpoints and logs."""
+
+    def __init__(self, model, sources, out: Path, config: TrainConfig, devices, process: int, nproc: int):
+        from flax import nnx
+
+        from m3jax.checkpoint import load_pretrained
+        from m3jax.model import abstract_model, model_from_params
+        from m3jax.tokenizer import Tokenizer
+        from m3jax.train.checkpoints import TrainCheckpoints
+        from m3jax.train.sharding import make_mesh, tree_shardings
+        from m3jax.train.step import OptimConfig, make_optimizer
+
+        self.config, self.out, self.process = config, out, process
+        self.primary = process == 0
+        c = config
+        self.cfg, params, self.tok_dir = load_pretrained(model)
+        self.mesh = make_mesh(devices)
+        self.world = self.mesh.size
+        local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
+        self.data = TrainData(sources, Tokenizer(self.tok_dir), c.data, batch_size=c.per_device_batch_size * local,
+                              seed=c.seed, process_index=process, num_processes=nproc,
+                              shuffle_buffer_size=c.shuffle_buffer_size, pad_id=self.cfg.pad_token_id,
+                              **({} if c.length_buckets is None else {"buckets": tuple(c.length_buckets)}))
+        rows = self.data.validate()
+        global_batch = c.per_device_batch_size * self.world
+        self.batches_per_epoch = rows // global_batch
+        self.steps_per_epoch = self.batches_per_epoch // c.gradient_accumulation_steps
+        if self.steps_per_epoch == 0:
+            raise TrainError(f"{rows} training rows make {self.batches_per_epoch} global batches of {global_batch} "
+                             f"({c.per_device_batch_size} per device x {self.world} devices), fewer than one "
+                             f"optimiser step of {c.gradient_accumulation_steps} micro-batches")
+        self.total = c.max_steps if c.max_steps > 0 else math.ceil(c.num_train_epochs * self.steps_per_epoch)
+
+        # The compute graph (dtype, remat) and the float32 master state.
+        compute = "bfloat16" if c.bf16 else "float32"
+        skeleton = abstract_model(self.cfg, dtype=compute)
+        skeleton.encoder.remat = c.remat
+        self.graphdef, _ = nnx.split(skeleton)
+        _, state = nnx.split(model_from_params(self.cfg, params, dtype="float32"))
+        self.settings = {"version": SETTINGS_VERSION, "model": str(model), "model_sha256": _fingerprint(state),
+                         "data": self.data.files, "rows": rows, "devices": self.world, "processes": nproc,
+                         "total_steps": self.total, "config": _jsonable(c.settings())}
+        self._check_settings()
+        self.state_sh = tree_shardings(state, self.mesh, c.fsdp)
+        state = _place(state, self.state_sh)
+        del params
+        self.optim = OptimConfig(num_training_steps=self.total, learning_rate=c.learning_rate,
+                                 weight_decay=c.weight_decay, adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2,
+                                 adam_epsilon=c.adam_epsilon, max_grad_norm=c.max_grad_norm,
+                                 warmup_ratio=c.warmup_ratio, warmup_steps=c.warmup_steps)
+        self.tx = make_optimizer(state, c.loss, self.optim)
+        opt_sh = tree_shardings(jax.eval_shape(self.tx.init, state), self.mesh, c.fsdp)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(state)
+        self.compute = compute
+
+        self.ckpt = TrainCheckpoints(out / "checkpoints", save_steps=c.save_steps, keep=c.save_total_limit)
+        self.step, self.epoch, self.consumed = 0, 0, 0
+        self.rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(c.seed)), np.uint32)
+        self.resumed_from = self.ckpt.latest_step()
+        if self.resumed_from is not None:
+            meta = self.ckpt.read_meta(self.resumed_from)
+            if _comparable(meta.get("settings")) != _comparable(self.settings):
+                raise TrainError(f"{self.ckpt.directory / str(self.resumed_from)}: checkpoint of a run with other "
+                                 f"settings: {_diff(meta.get('settings'), self.settings)}")
+            state, opt_state, meta = self.ckpt.restore(self.resumed_from, state, opt_state)
+            self.step, self.epoch, self.consumed = meta["step"], meta["epoch"], meta["batches"]
+            self.rng = np.asarray(meta["rng"], np.uint32)
+            logger.info("resuming from step %d (epoch %d, %d batches in)", self.step, self.epoch, self.consumed)
+        self.state, self.opt_state = state, opt_state
+        self.schedule = None
+        self.log_path = out / LOG
+        if self.primary:
+            _truncate_log(self.log_path, self.step)
+        self.tb = _tensorboard(out / "tensorboard") if self.primary else None
+
+    # ----------------------------------------------------------------------------------------------- settings
+    def _check_settings(self) -> None:
+        path = self.out / SETTINGS
+        if path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise TrainError(f"{path}: unreadable ({e}); not an m3jax training directory?") from None
+            if _comparable(old) != _comparable(self.settings):
+                raise TrainError(f"{self.out}: holds a run with other settings ({_diff(old, self.settings)}); use "
+                                 f"another output directory, or the same settings to resume")
+        elif (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
+            raise TrainError(f"{self.out / 'checkpoints'}: checkpoints without {SETTINGS}; not this run's")
+        elif self.primary:
+            self.out.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".json.partial")
+            tmp.write_text(json.dumps(self.settings, indent=2) + "\n")
+            os.replace(tmp, path)
+
+    # --------------------------------------------------------------------------------------------- the loop
+    def train(self, until_step: int | None = None) -> FitResult:
+        from m3jax.train.step import linear_schedule
+
+        c = self.config
+        stop = self.total if until_step is None else min(until_step, self.total)
+        A = c.gradient_accumulation_steps
+        schedule = linear_schedule(self.optim)
+        bar = None
+        if self.primary and not c.quiet:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=self.total, initial=self.step, desc="m3jax train", unit="step", dynamic_ncols=True)
+        last: dict = {}
+        t_last = time.perf_counter()
+        while self.step < stop:
+            pending = []
+            for groups in self._examples():
+                pending.append(collate(groups, self.data.tokenizer, c.data, self.data.pad_id, self.data.buckets))
+                self.consumed += 1
+                if len(pending) < A:
+                    continue
+                lr = float(schedule(self.step))
+                metrics = self._step(pending)
+                pending = []
+                now = time.perf_counter()
+                last = {"step": self.step, "epoch": self.epoch, **metrics, "lr": lr,
+                        "tokens_per_s": round(metrics["tokens"] / max(now - t_last, 1e-9), 1),
+                        "seconds": round(now - t_last, 4)}
+                t_last = now
+                self._log(last, bar)
+                self.ckpt.save(self.step, self.state, self.opt_state, self._meta(), force=self.step == stop)
+                if self.step >= stop:
+                    break
+            else:
+                if pending:
+                    logger.warning("epoch %d: skipped its last %d micro-batch(es): fewer than the %d of one "
+                                   "optimiser step", self.epoch, len(pending), A)
+                self.epoch, self.consumed = self.epoch + 1, 0
+        if bar is not None:
+            bar.close()
+        self.ckpt.save(self.step, self.state, self.opt_state, self._meta(), force=True)
+        final = self._write_final() if self.step >= self.total else None
+        return FitResult(final, self.step, self.resumed_from, last)
+
+    def _examples(self):
+        """This epoch's groups of examples from the current data position on (the skipped ones are only read and
+        sampled, not tokenized)."""
+        it = self.data.examples(self.epoch)
+        for _ in range(self.consumed):
+            next(it, None)
+        return it
+
+    def _step(self, batches: list[dict]) -> dict:
+        from m3jax.train.step import accumulate_step
+
+        stacked = self._stack(batches)
+        self.state, self.opt_state, m = accumulate_step(
+            self.graphdef, self.state, self.opt_state, stacked, jnp.int32(self.step), jnp.asarray(self.rng),
+            flags=self.config.loss, tx=self.tx, mesh=self.mesh if self.world > 1 else None, fsdp=self.config.fsdp,
+            compute_dtype=self.compute, dropout=self.config.dropout)
+        self.step += 1
+        m = jax.device_get(m)
+        return {k: (int(v) if k == "tokens" else float(v)) for k, v in m.items()}
+
+    def _stack(self, batches: list[dict]) -> dict:
+        """Micro-batches padded to one shape (the longest bucket among them, agreed by every process) and stacked
+        [A, rows, ...], as one global array per field sharded over the data axis."""
+        from m3jax.train.sharding import batch_sharding
+
+        lens = np.array([max(b["q_ids"].shape[1] for b in batches), max(b["p_ids"].shape[1] for b in batches)])
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            lens = np.asarray(multihost_utils.process_allgather(lens)).reshape(-1, 2).max(0)
+        pad = self.data.pad_id
+        out = {}
+        for key, L in (("q_ids", lens[0]), ("q_mask", lens[0]), ("p_ids", lens[1]), ("p_mask", lens[1])):
+            fill = pad if key.endswith("ids") else 0
+            out[key] = np.stack([np.pad(b[key], ((0, 0), (0, L - b[key].shape[1])), constant_values=fill)
+                                 for b in batches])
+        if "teacher_scores" in batches[0]:
+            out["teacher_scores"] = np.stack([b["teacher_scores"] for b in batches])
+        sharding = batch_sharding(self.mesh)
+        return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
+
+    def _meta(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batches": self.consumed, "rng": self.rng.tolist(),
+                "forward": self.step * self.config.gradient_accumulation_steps, "settings": self.settings}
+
+    def _log(self, row: dict, bar) -> None:
+        if not self.primary:
+            return
+        with open(self.log_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+        if self.tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "epoch"):
+                    self.tb.add_scalar(f"train/{k}", v, row["step"])
+        if bar is not None:
+            bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", tok_s=f"{row['tokens_per_s']:.0f}")
+            bar.update(1)
+
+    def _write_final(self) -> Path:
+        from m3jax.checkpoint import save_m3jax
+
+        final = self.out / "final"
+        state = self.state
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            state = multihost_utils.process_allgather(state, tiled=True)
+        if self.primary:
+            from flax import nnx
+
+            params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(state))
+            save_m3jax(final, self.cfg, params, self.tok_dir, overwrite=True,
+                       metadata={"trained_from": self.settings["model"], "steps": self.step,
+                                 "train_settings": SETTINGS})
+        return final
+
+    def close(self) -> None:
+        if getattr(self, "ckpt", None) is not None:
+            self.ckpt.close()
+        if getattr(self, "tb", None) is not None:
+            self.tb.close()
+
+
+# ------------------------------------------------------------------------------------------------- helpers
+def _place(state, shardings):
+    """Host arrays -> global arrays in `shardings` (every process holds the whole value)."""
+    return jax.tree_util.tree_map(
+        lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]), state, shardings)
+
+
+def _fingerprint(state) -> str:
+    """sha256 over every parameter's path and float32 bytes: identifies the starting weights."""
+    h = hashlib.sha256()
+    flat, _ = jax.tree_util.tree_flatten_with_path(state)
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
+    return h.hexdigest()
+
+
+def _comparable(settings):
+    """Settings as compared on resume: the model by its weights' hash, not by how its path was spelled."""
+    return {k: v for k, v in settings.items() if k != "model"} if isinstance(settings, dict) else settings
+
+
+def _jsonable(x):
+    return json.loads(json.dumps(x))
+
+
+def _diff(old: dict | None, new: dict) -> str:
+    if not isinstance(old, dict):
+        return "no settings recorded"
+    out = []
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k), new.get(k)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [f"{k}.{kk}: {a.get(kk)!r} there, {b.get(kk)!r} now" for kk in sorted(set(a) | set(b))
+                    if a.get(kk) != b.get(kk)]
+        elif a != b:
+            out.append(f"{k}: {str(a)[:80]!r} there, {str(b)[:80]!r} now")
+    return "; ".join(out) or "identical"
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drops log rows of steps after `step` (taken after the checkpoint resumed from; they are taken again)."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    keep = [line for line in rows if json.loads(line).get("step", 0) <= step]
+    if len(keep) != len(rows):
+        tmp = path.with_suffix(".jsonl.partial")
+        tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def _tensorboard(logdir: Path):
+    """A SummaryWriter if one is importable (tensorboardX, or torch's with tensorboard installed), else None."""
+    for name in ("tensorboardX", "torch.utils.tensorboard"):
+        try:
+            module = __import__(name, fromlist=["SummaryWriter"])
+            return module.SummaryWriter(str(logdir))
+        except Exception:  # noqa: BLE001 - ImportError, or torch's wrapper failing without tensorboard
+            continue
+    return None
+
+
+__all__ = ["FitResult", "TrainConfig", "TrainError", "fit"]
