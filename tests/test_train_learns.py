@@ -1,61 +1,26 @@
 """Evidence that fit() learns: a tiny random checkpoint fine-tuned on a synthetic multilingual retrieval set retrieves
 held-out passages for held-out queries far above chance, in each of dense, sparse and ColBERT retrieval.
 
-The set (six scripts): each script has 12 common and 30 rare pseudo-words. A passage is 3 rare words of its script
-plus 6 common ones; its query is 2 of its rare words plus 3 common ones. Training rows are random combinations, with
-7 negatives of the same script; the held-out corpus (36 passages) uses each rare word in exactly one passage and no
-held-out passage is a training passage. What transfers is the skill, not the answers: match on the rare words, ignore
-the common ones (which every passage of a script shares). Queries share words with their passage, so even the
-random model is above chance (lexical overlap); the test asserts the gain from training, not just the level.
+The task is m3jax.train.synthetic.retrieval_task (six scripts, rare and common pseudo-words, 36 held-out queries).
+Queries share words with their passage, so even the random model is above chance (lexical overlap); the test
+asserts the gain from training, not just the level.
 Measured (2-core CPU, `python -m pytest -s tests/test_train_learns.py`, 50 s): recall@1 dense 0.33 -> 0.50,
 sparse 0.42 -> 0.89, ColBERT 0.28 -> 0.92 (chance 0.028); dense loss 3.47 -> 1.40.
 """
 
 import json
-import random
 
 import numpy as np
 
 from m3jax.api import BGEM3
-from m3jax.evaluate.synthetic import _word
 from m3jax.index import CorpusIndex
 from m3jax.random_weights import random_m3jax_dir
 from m3jax.train import DataConfig, LossConfig, TrainConfig, fit
+from m3jax.train.synthetic import retrieval_task
 
-SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "han", "hangul")
-N_TRAIN, N_TEST = 480, 36
+N_TEST = 36
 CHANCE = 1 / N_TEST
 MODES = ("dense", "sparse", "colbert")
-
-
-def retrieval_set(seed: int = 0) -> tuple[list[dict], list[str], list[str]]:
-    """(training rows, held-out passages, held-out queries; query i's answer is passage i)."""
-    rng = random.Random(seed)
-    used: set[str] = set()
-
-    def fresh(s):
-        while (w := _word(rng, s)) in used:
-            pass
-        used.add(w)
-        return w
-
-    common = {s: [fresh(s) for _ in range(12)] for s in SCRIPTS}
-    rare = {s: [fresh(s) for _ in range(30)] for s in SCRIPTS}
-
-    def make(s, own):
-        words, query = own + rng.sample(common[s], 6), own[:2] + rng.sample(common[s], 3)
-        rng.shuffle(words)
-        rng.shuffle(query)
-        return " ".join(words), " ".join(query)
-
-    pools = {s: rng.sample(rare[s], 30) for s in SCRIPTS}
-    test = [make(SCRIPTS[i % 6], [pools[SCRIPTS[i % 6]].pop() for _ in range(3)]) for i in range(N_TEST)]
-    train = [make(SCRIPTS[i % 6], rng.sample(rare[SCRIPTS[i % 6]], 3)) for i in range(N_TRAIN)]
-    held_out = {frozenset(p.split()) for p, _ in test}
-    train = [(p, q) for p, q in train if frozenset(p.split()) not in held_out]
-    rows = [{"query": q, "pos": [p], "neg": [train[j][0] for j in range(i % 6, len(train), 6) if j != i][:7]}
-            for i, (p, q) in enumerate(train)]
-    return rows, [p for p, _ in test], [q for _, q in test]
 
 
 def recall_at_1(model, passages, queries) -> dict[str, float]:
@@ -68,7 +33,7 @@ def recall_at_1(model, passages, queries) -> dict[str, float]:
 
 
 def test_fine_tuning_retrieves_held_out_passages(tmp_path):
-    rows, passages, queries = retrieval_set()
+    rows, passages, queries = retrieval_task(held_out=N_TEST)
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     start = random_m3jax_dir("tiny")
     before = recall_at_1(start, passages, queries)
