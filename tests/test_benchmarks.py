@@ -82,3 +82,13 @@ def test_train_benchmark_runs_both_engines_on_the_same_batches(tmp_path):
     m3, flag = res["results"]
     assert (m3["tokens"], m3["padded_tokens"]) == (flag["tokens"], flag["padded_tokens"])  # the same batches
     assert "m3jax / FlagEmbedding: tokens/s" in res["report"]
+
+
+def test_forward_vs_torch_runs_every_variant(tmp_path):
+    opts = '{"default": {}, "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}'
+    r = run(["benchmarks/forward_vs_torch.py", "--layers", "1", "--workloads", "check", "--repeats", "1",
+             "--options", opts], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert [x[0] for x in rows] == ["default", "ynn", "torch"]
+    assert all(float(x[1].rstrip("s")) > 0 for x in rows)

@@ -1,0 +1,87 @@
+#!/usr/bin/env python
+"""The bare encoder forward, m3jax (compiled, under XLA compiler options) vs PyTorch's XLMRobertaModel (SDPA), in one
+process on the same random full-width weights and the same token ids, alternated and repeated.
+
+    python benchmarks/forward_vs_torch.py                          # 2 layers: passages 16 x 512, long 1 x 8,192
+    python benchmarks/forward_vs_torch.py --layers 24 --repeats 5
+    python benchmarks/forward_vs_torch.py --options \
+        '{"default": {}, "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}'
+
+Layers scan in m3jax and loop in torch, so per-layer cost is what is compared; a few layers give the ratio of the
+full model in a fraction of the time. Both return the last hidden state (no heads). Figures: median seconds per
+forward (min-max over --repeats), achieved GFLOP/s (2·tokens·12·D² per layer for the projections and the MLP plus
+4·B·T²·D for attention), and torch's median over each m3jax variant's (above 1: m3jax is faster).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+
+import numpy as np
+
+WORKLOADS = {"passages": (16, 512), "long": (1, 8192), "check": (2, 64)}  # check: the CI smoke run
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--workloads", default="passages,long")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--options", default='{"default": {}}',
+                    help="JSON {name: XLA compiler options}; every variant is compiled and timed")
+    args = ap.parse_args()
+
+    import jax
+    import torch
+    from flax import nnx
+    from transformers import XLMRobertaConfig, XLMRobertaModel
+
+    from m3jax.config import M3Config
+    from m3jax.model import init_model
+
+    cfg = dataclasses.replace(M3Config.bge_m3(), num_layers=args.layers)
+    graphdef, state = nnx.split(init_model(cfg, seed=0))
+    tcfg = XLMRobertaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, num_hidden_layers=args.layers,
+                            num_attention_heads=cfg.num_heads, intermediate_size=cfg.intermediate_size,
+                            max_position_embeddings=cfg.max_position_embeddings, attn_implementation="sdpa")
+    tm = XLMRobertaModel(tcfg, add_pooling_layer=False).eval()  # its own random weights: same shapes, same work
+    variants = json.loads(args.options)
+    print(f"{args.layers} layers of BGE-M3 (hidden {cfg.hidden_size}), fp32, jax {jax.__version__} "
+          f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+    for w in args.workloads.split(","):
+        b, t = WORKLOADS[w]
+        ids = np.random.default_rng(0).integers(5, 1000, (b, t)).astype(np.int32)
+        ids[:, 0] = 0
+        mask = np.ones((b, t), np.int32)
+        fwd = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m).last_hidden_state).lower(state, ids, mask)
+        runs = {name: fwd.compile(compiler_options=opts or None) for name, opts in variants.items()}
+        tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
+
+        def torch_forward(tids=tids, tmask=tmask):
+            with torch.inference_mode():
+                tm(input_ids=tids, attention_mask=tmask)
+
+        calls = {name: (lambda c=c, i=ids, m=mask: c(state, i, m).block_until_ready()) for name, c in runs.items()}
+        calls["torch"] = torch_forward
+        for f in calls.values():  # warm-up
+            f()
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        for _ in range(args.repeats):
+            for name, f in calls.items():
+                t0 = time.perf_counter()
+                f()
+                times[name].append(time.perf_counter() - t0)
+        flops = args.layers * (2 * b * t * 12 * cfg.hidden_size ** 2 + 4 * b * t * t * cfg.hidden_size)
+        ref = float(np.median(times["torch"]))
+        print(f"\n{w}: {b} x {t} tokens, median (min-max) of {args.repeats} alternated runs")
+        for name, ts in times.items():
+            m = float(np.median(ts))
+            print(f"  {name:<10} {m:8.3f}s ({min(ts):.3f}-{max(ts):.3f})  {flops / m / 1e9:6.1f} GFLOP/s  "
+                  f"torch/this {ref / m:.2f}")
+
+
+if __name__ == "__main__":
+    main()
