@@ -4,6 +4,8 @@
     python benchmarks/bench_embed.py                  # small model (4 layers, 128 wide), 1,000 texts, 3 repeats,
                                                       # then peak RSS of `m3jax embed` at 10k and 100k texts
     python benchmarks/bench_embed.py --quick          # tiny model, a few texts: the CI check that it still runs
+    python benchmarks/bench_embed.py --release DIR --texts 64 --engines embed,forward --parts speed
+                                                      # a given release-layout checkpoint (e.g. full size)
 
 All engines compute all three outputs in float32, with batch_size 256 and max_length 512, in one process: each is
 warmed up once (m3jax compiles its shapes), then the engines run in turn, `--repeat` rounds, and the median and
@@ -77,7 +79,7 @@ def timing(engines: dict, repeat: int) -> dict:
     return times
 
 
-def speed(workdir: Path, release: Path, texts: list[str], repeat: int) -> dict:
+def speed(workdir: Path, release: Path, texts: list[str], repeat: int, only: list[str] | None = None) -> dict:
     import torch
     from FlagEmbedding import BGEM3FlagModel
 
@@ -113,8 +115,13 @@ def speed(workdir: Path, release: Path, texts: list[str], repeat: int) -> dict:
         "flag": lambda: fe.encode(texts, **SETTINGS, **heads),
         "forward": run_forward,
     }
-    times = timing(engines, repeat)
+    unknown = set(only or ()) - set(engines)
+    if unknown:
+        raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose from {sorted(engines)}")
+    times = timing({k: f for k, f in engines.items() if not only or k in only}, repeat)
     # The outputs agree (random weights: the check is that all engines computed the same thing).
+    if not out_dir.exists():
+        run_embed()
     dense_embed = EmbeddingReader(out_dir).dense()
     dense_flag = np.asarray(fe.encode(texts, **SETTINGS, return_dense=True)["dense_vecs"], np.float32)
     dense_encode = m3.encode(texts, **SETTINGS)["dense_vecs"]
@@ -122,7 +129,8 @@ def speed(workdir: Path, release: Path, texts: list[str], repeat: int) -> dict:
     summary = {k: {"median_s": statistics.median(v), "min_s": min(v), "max_s": max(v), "runs_s": v,
                    "tokens_per_s": tokens / statistics.median(v)} for k, v in times.items()}
     return {"texts": len(texts), "tokens": tokens, "torch_threads": torch.get_num_threads(), "engines": summary,
-            "embed_overhead_vs_forward": summary["embed"]["median_s"] / summary["forward"]["median_s"] - 1,
+            "embed_overhead_vs_forward": summary["embed"]["median_s"] / summary["forward"]["median_s"] - 1
+            if {"embed", "forward"} <= set(summary) else None,
             "max_abs_dense_diff": {"embed_vs_flag": float(np.abs(dense_embed - dense_flag).max()),
                                    "encode_vs_flag": float(np.abs(dense_encode - dense_flag).max())}}
 
@@ -164,7 +172,8 @@ def speed_lines(s: dict, model: str) -> list[str]:
     for k, v in s["engines"].items():
         lines.append(f"{k:<8} {v['median_s']:>9.3f} {v['min_s']:>7.3f} ... {v['max_s']:<6.3f} "
                      f"{v['tokens_per_s']:>10,.0f}")
-    lines.append(f"m3jax embed overhead over the bare compiled forward: {s['embed_overhead_vs_forward']:+.1%}")
+    if s["embed_overhead_vs_forward"] is not None:
+        lines.append(f"m3jax embed overhead over the bare compiled forward: {s['embed_overhead_vs_forward']:+.1%}")
     lines.append(f"max |dense difference| vs FlagEmbedding: embed {s['max_abs_dense_diff']['embed_vs_flag']:.1e}, "
                  f"encode {s['max_abs_dense_diff']['encode_vs_flag']:.1e}")
     return lines
@@ -178,6 +187,10 @@ def main(argv=None) -> int:
     p.add_argument("--rss-sizes", default=None, help="comma-separated corpus sizes (default 10000,100000)")
     p.add_argument("--parts", default="speed,rss", help="what to measure: speed, rss or both")
     p.add_argument("--workdir", default=None, help="scratch directory (default: a temporary one)")
+    p.add_argument("--release", default=None,
+                   help="time this release-layout checkpoint instead of the random small one (e.g. a full-size "
+                        "random release written by m3jax.testing.write_random_release(DIR, M3Config()))")
+    p.add_argument("--engines", default=None, help="comma-separated subset of embed,encode,flag,forward")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -186,10 +199,12 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-embed-", dir=args.workdir) as tmp:
         workdir = Path(tmp)
         parts = set(args.parts.split(","))
-        res = {"model": "random tiny (2 layers, 32 wide)" if args.quick else
-               "random small (4 layers, 128 wide, real XLM-R vocabulary)",
-               "speed": speed(workdir, write_models(workdir, args.quick), texts_for(n, seed=1, max_words=120),
-                              args.repeat) if "speed" in parts else None,
+        model = (f"release {args.release}" if args.release else "random tiny (2 layers, 32 wide)" if args.quick
+                 else "random small (4 layers, 128 wide, real XLM-R vocabulary)")
+        res = {"model": model,
+               "speed": speed(workdir, Path(args.release) if args.release else write_models(workdir, args.quick),
+                              texts_for(n, seed=1, max_words=120), args.repeat,
+                              args.engines.split(",") if args.engines else None) if "speed" in parts else None,
                "rss": peak_rss(workdir, sizes) if "rss" in parts else []}
     print(report(res))
     if args.json:
