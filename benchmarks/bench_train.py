@@ -9,8 +9,16 @@ queries and passages, the loss (dense, sparse, ColBERT, ensemble, distillation),
 AdamW (weight decay 0.01, not on biases and LayerNorm). FlagEmbedding: `EncoderOnlyEmbedderM3Model` around its
 runner's model, torch.optim.AdamW; m3jax: `m3jax.train.step.train_step` (jitted, donated buffers). Dropout is off on
 both sides so they do the same arithmetic. Batches come from m3jax.train.TrainData over a JSON-lines file built from
-the built-in multilingual sample (a query is the first words of a passage, negatives are other passages), padded to
-one shape (the longest length bucket drawn), and both engines get the identical token arrays.
+the built-in multilingual sample (a passage is consecutive sample texts joined until it holds --passage-len words, so
+passages fill their length as in real fine-tuning data; a query is the first words of its passage, negatives are
+other passages), padded to one shape (the longest length bucket drawn), and both engines get the identical token
+arrays.
+
+Denormals: XLA's CPU code flushes float32 denormals to zero; PyTorch's does not by default, and on a random
+checkpoint (loss ~100 at temperature 0.02, softmax probabilities deep in the denormal range) some of its steps then
+take ~10x longer (full size, this benchmark's batches: 378 and 330 s against 38 s). The benchmark therefore calls
+torch.set_flush_denormal(True) so both engines do the same arithmetic at full speed; --torch-denormals keeps
+PyTorch's default.
 
 Each engine runs in its own process (peak RSS is its own, by VmHWM); engines are alternated and the round repeated
 (--repeats); the first step of each process is reported apart (m3jax compiles there); the rest are timed one by one.
@@ -35,7 +43,7 @@ FLAGS = dict(unified_finetuning=True, use_self_distill=True, self_distill_start_
 LEARNING_RATE, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-5, 0.01, 1.0
 
 
-def prepare(workdir: Path, size: str) -> Path:
+def prepare(workdir: Path, size: str, passage_words: int) -> Path:
     """A random release-layout checkpoint and the training file; returns the checkpoint directory."""
     from m3jax.config import M3Config
     from m3jax.embed.sample import sample_corpus
@@ -46,15 +54,21 @@ def prepare(workdir: Path, size: str) -> Path:
         t = time.perf_counter()
         write_random_release(release, M3Config.bge_m3() if size == "full" else M3Config.tiny(), seed=0)
         print(f"wrote a random {size} release checkpoint in {time.perf_counter() - t:.0f}s", flush=True)
-    data = workdir / "train.jsonl"
-    if not data.is_file():
-        texts = [r["text"] for r in sample_corpus()]
-        rng = random.Random(0)
-        rows = []
-        for i, text in enumerate(texts):
-            negs = rng.sample([t for j, t in enumerate(texts) if j != i], 15)
-            rows.append({"query": " ".join(text.split()[:8]), "pos": [text], "neg": negs})
-        data.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    texts = [r["text"] for r in sample_corpus()]
+    passages = []
+    for i in range(len(texts)):
+        words: list[str] = []
+        j = i
+        while len(words) < passage_words:
+            words += texts[j % len(texts)].split()
+            j += 1
+        passages.append(" ".join(words[:passage_words]))
+    rng = random.Random(0)
+    rows = []
+    for i, text in enumerate(passages):
+        negs = rng.sample([t for j, t in enumerate(passages) if j != i], 15)
+        rows.append({"query": " ".join(text.split()[:8]), "pos": [text], "neg": negs})
+    (workdir / "train.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
     return release
 
 
@@ -79,7 +93,8 @@ def batches(workdir: Path, release: Path, args) -> list[dict]:
              "p_ids": pad(b["p_ids"], lp, data.pad_id), "p_mask": pad(b["p_mask"], lp, 0)} for b in out]
 
 
-def engine_m3jax(release: Path, steps: list[dict]) -> list[float]:
+def engine_m3jax(release: Path, steps: list[dict], flush_denormal: bool = True) -> list[float]:
+    del flush_denormal  # XLA's CPU code always flushes
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -107,12 +122,14 @@ def engine_m3jax(release: Path, steps: list[dict]) -> list[float]:
     return times
 
 
-def engine_flag(release: Path, steps: list[dict]) -> list[float]:
+def engine_flag(release: Path, steps: list[dict], flush_denormal: bool = True) -> list[float]:
     import torch
     from FlagEmbedding.finetune.embedder.encoder_only.m3.modeling import EncoderOnlyEmbedderM3Model
     from FlagEmbedding.finetune.embedder.encoder_only.m3.runner import EncoderOnlyEmbedderM3Runner
     from transformers import AutoTokenizer
 
+    if flush_denormal and not torch.set_flush_denormal(True):
+        print("this CPU cannot flush denormals in PyTorch; running with its default", file=sys.stderr)
     base = EncoderOnlyEmbedderM3Runner.get_model(str(release))
     for module in base["model"].modules():  # dropout off, as on the m3jax side
         if isinstance(module, torch.nn.Dropout):
@@ -152,7 +169,7 @@ def run_engine(args) -> None:
     workdir = Path(args.workdir)
     release = workdir / f"release-{args.size}"
     steps = batches(workdir, release, args)
-    times = ENGINES[args.run_engine](release, steps)
+    times = ENGINES[args.run_engine](release, steps, flush_denormal=not args.torch_denormals)
     tokens = [int(b["q_mask"].sum() + b["p_mask"].sum()) for b in steps]
     padded = [int(b["q_mask"].size + b["p_mask"].size) for b in steps]
     print("RESULT " + json.dumps({"engine": args.run_engine, "first_s": times[0], "step_s": times[1:],
@@ -163,7 +180,8 @@ def run_engine(args) -> None:
 def report(results: list[dict], args) -> str:
     lines = [f"M3 fine-tuning step, {args.size} size, fp32, CPU: {args.batch_size} queries x {args.group_size} "
              f"passages, query/passage max {args.query_len}/{args.passage_len} tokens; median (min-max) over "
-             f"{args.steps} timed steps x {args.repeats} rounds"]
+             f"{args.steps} timed steps x {args.repeats} rounds; PyTorch denormals "
+             f"{'not flushed (its default)' if args.torch_denormals else 'flushed, as XLA does'}"]
     med = {}
     for name in dict.fromkeys(r["engine"] for r in results):
         rs = [r for r in results if r["engine"] == name]
@@ -193,6 +211,8 @@ def main() -> None:
     ap.add_argument("--passage-len", type=int, default=256)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process, after the first")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--torch-denormals", action="store_true",
+                    help="keep PyTorch's default (denormals not flushed; much slower steps on random weights)")
     ap.add_argument("--json", help="also write the raw results here")
     ap.add_argument("--run-engine", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -200,7 +220,7 @@ def main() -> None:
         return run_engine(args)
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    prepare(workdir, args.size)
+    prepare(workdir, args.size, args.passage_len)
     engines = args.engines.split(",")
     unknown = sorted(set(engines) - set(ENGINES))
     if unknown:
@@ -210,7 +230,8 @@ def main() -> None:
         for name in engines if r % 2 == 0 else engines[::-1]:
             cmd = [sys.executable, __file__, "--run-engine", name] + [
                 a for k, v in vars(args).items() if k not in ("run_engine", "json", "engines") and v is not None
-                for a in (f"--{k.replace('_', '-')}", str(v))]
+                and not isinstance(v, bool) for a in (f"--{k.replace('_', '-')}", str(v))] + (
+                ["--torch-denormals"] if args.torch_denormals else [])
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
             if proc.returncode:
                 raise SystemExit(f"{name} (round {r + 1}) failed:\n{proc.stderr[-3000:]}")
