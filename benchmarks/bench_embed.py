@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 SETTINGS = dict(max_length=512, batch_size=256)
+ENGINES = ("embed", "encode", "flag", "forward")
 RSS_SCRIPT = """
 import io, json, re, sys
 from contextlib import redirect_stderr
@@ -115,9 +116,7 @@ def speed(workdir: Path, release: Path, texts: list[str], repeat: int, only: lis
         "flag": lambda: fe.encode(texts, **SETTINGS, **heads),
         "forward": run_forward,
     }
-    unknown = set(only or ()) - set(engines)
-    if unknown:
-        raise SystemExit(f"--engines: unknown {sorted(unknown)}; choose from {sorted(engines)}")
+    assert set(engines) == set(ENGINES)
     times = timing({k: f for k, f in engines.items() if not only or k in only}, repeat)
     # The outputs agree (random weights: the check is that all engines computed the same thing).
     if not out_dir.exists():
@@ -193,6 +192,9 @@ def main(argv=None) -> int:
     p.add_argument("--engines", default=None, help="comma-separated subset of embed,encode,flag,forward")
     p.add_argument("--json", default=None, help="also write the results here")
     args = p.parse_args(argv)
+    only = args.engines.split(",") if args.engines else None
+    if set(only or ()) - set(ENGINES):
+        p.error(f"--engines: unknown {sorted(set(only) - set(ENGINES))}; choose from {', '.join(ENGINES)}")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     n = args.texts or (48 if args.quick else 1000)
     sizes = [int(x) for x in (args.rss_sizes or ("200,400" if args.quick else "10000,100000")).split(",")]
@@ -204,7 +206,7 @@ def main(argv=None) -> int:
         res = {"model": model,
                "speed": speed(workdir, Path(args.release) if args.release else write_models(workdir, args.quick),
                               texts_for(n, seed=1, max_words=120), args.repeat,
-                              args.engines.split(",") if args.engines else None) if "speed" in parts else None,
+                              only) if "speed" in parts else None,
                "rss": peak_rss(workdir, sizes) if "rss" in parts else []}
     print(report(res))
     if args.json:
