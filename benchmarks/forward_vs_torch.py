@@ -28,7 +28,8 @@ WORKLOADS = {"passages": (16, 512), "long": (1, 8192), "check": (2, 64)}  # chec
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--workloads", default="passages,long")
+    ap.add_argument("--workloads", default="passages,long",
+                    help=f"comma-separated names ({', '.join(WORKLOADS)}) or shapes ROWSxLENGTH, e.g. 8x1024")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--options", default='{"default": {}}',
                     help="JSON {name: XLA compiler options}; every variant is compiled and timed")
@@ -52,7 +53,7 @@ def main() -> None:
     print(f"{args.layers} layers of BGE-M3 (hidden {cfg.hidden_size}), fp32, jax {jax.__version__} "
           f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
     for w in args.workloads.split(","):
-        b, t = WORKLOADS[w]
+        b, t = WORKLOADS[w] if w in WORKLOADS else map(int, w.split("x"))
         ids = np.random.default_rng(0).integers(5, 1000, (b, t)).astype(np.int32)
         ids[:, 0] = 0
         mask = np.ones((b, t), np.int32)

@@ -30,6 +30,19 @@ from m3jax.tokenizer import Tokenizer
 
 logger = logging.getLogger("m3jax")
 
+# XLA's CPU dots: its default library (YNNPACK) is the faster for attention's small per-head products, Eigen (the
+# other one it ships) for the model's large projections, which dominate up to about 1,024 tokens. Measured with
+# benchmarks/forward_vs_torch.py (2-core x86, 2 full-width layers), Eigen over YNNPACK: 16x512 1.08x, 8x1024 1.07x,
+# 4x2048 0.93x, 1x8192 0.75x.
+CPU_EIGEN_MAX_LENGTH = 1024
+CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
+def default_compiler_options(platform: str, length: int) -> dict[str, Any]:
+    """The XLA options an executable for padded `length` gets when the user passes none: Eigen's dots on CPU for
+    lengths up to CPU_EIGEN_MAX_LENGTH, XLA's defaults otherwise."""
+    return dict(CPU_EIGEN_DOTS) if platform == "cpu" and length <= CPU_EIGEN_MAX_LENGTH else {}
+
 
 def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
     """Turns on JAX's persistent compilation cache (default `$M3JAX_HOME/jax_cache`), unless the user already
@@ -86,7 +99,8 @@ class Encoder:
       max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)).
       pooling, normalize, truncate_dim: FlagEmbedding's pooling_method, normalize_embeddings, truncate_dim.
       compiler_options: XLA options for every executable (`jax.stages.Lowered.compile(compiler_options=...)`),
-        e.g. {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}; None: XLA's defaults.
+        e.g. {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}; {}: XLA's defaults; None:
+        default_compiler_options per bucket (on CPU, Eigen's dots for short buckets).
     """
 
     def __init__(self, config: M3Config, params: Any, tokenizer_dir: str | os.PathLike, *,
@@ -111,7 +125,7 @@ class Encoder:
         self.length_buckets = buckets
         self.max_tokens_per_batch = max_tokens_per_batch
         self.pooling, self.normalize, self.truncate_dim = pooling, normalize, truncate_dim
-        self.compiler_options = dict(compiler_options or {})
+        self.compiler_options = None if compiler_options is None else dict(compiler_options)
         self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
         if len(self.devices) > 1:
             mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
@@ -257,8 +271,8 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            exe = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static).compile(
-                compiler_options=self.compiler_options or None)
+            lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static)
+            exe = _compile(lowered, self.compiler_options, self.devices[0].platform, length)
             self.compile_seconds[key] = time.perf_counter() - t0
             self._compiled[key] = exe
         return exe
@@ -307,3 +321,18 @@ def _fetch(batch: pipeline.Batch, out: pipeline.EncodeOutputs) -> tuple[pipeline
     k = len(batch.indices)
     host = jax.device_get(out)
     return batch, pipeline.EncodeOutputs(*(None if x is None else x[:k] for x in host))
+
+
+def _compile(lowered: jax.stages.Lowered, options: dict[str, Any] | None, platform: str, length: int):
+    """Compiles with the user's options, or with default_compiler_options; a jaxlib that does not know a default
+    option (an older XLA) compiles with its own defaults instead."""
+    if options is not None:
+        return lowered.compile(compiler_options=options or None)
+    defaults = default_compiler_options(platform, length)
+    try:
+        return lowered.compile(compiler_options=defaults or None)
+    except Exception as e:
+        if not defaults or "No such compile option" not in str(e):
+            raise
+        logger.info("XLA does not know %s; compiling with its defaults", sorted(defaults))
+        return lowered.compile()

@@ -97,7 +97,7 @@ def test_one_layer(blocks, layer):
     _check(f"layer {layer}", got, r[torch.float32], r[torch.float64], real)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "heads"])
 def test_layer_stack(blocks, impl):
     cfg, ours, hf32, hf64, _, batch = blocks
     x, mask = _hidden(cfg, batch, seed=9), batch["attention_mask"]
