@@ -4,8 +4,10 @@ process on the same random full-width weights and the same token ids, alternated
 
     python benchmarks/forward_vs_torch.py                          # 2 layers: passages 16 x 512, long 1 x 8,192
     python benchmarks/forward_vs_torch.py --layers 24 --repeats 5
-    python benchmarks/forward_vs_torch.py --options \
-        '{"default": {}, "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}'
+    python benchmarks/forward_vs_torch.py --workloads 8x1024,4x2048 --options \
+        '{"m3jax": null, "xla": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
+
+A variant's options null are m3jax's own per-length choice (m3jax.engine.default_compiler_options), {} XLA's.
 
 Layers scan in m3jax and loop in torch, so per-layer cost is what is compared; a few layers give the ratio of the
 full model in a fraction of the time. Both return the last hidden state (no heads). Figures: median seconds per
@@ -31,8 +33,8 @@ def main() -> None:
     ap.add_argument("--workloads", default="passages,long",
                     help=f"comma-separated names ({', '.join(WORKLOADS)}) or shapes ROWSxLENGTH, e.g. 8x1024")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--options", default='{"default": {}}',
-                    help="JSON {name: XLA compiler options}; every variant is compiled and timed")
+    ap.add_argument("--options", default='{"m3jax": null}',
+                    help="JSON {name: XLA compiler options, or null for m3jax's default}; every variant is timed")
     args = ap.parse_args()
 
     import jax
@@ -41,6 +43,7 @@ def main() -> None:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from m3jax.config import M3Config
+    from m3jax.engine import default_compiler_options
     from m3jax.model import init_model
 
     cfg = dataclasses.replace(M3Config.bge_m3(), num_layers=args.layers)
@@ -58,7 +61,9 @@ def main() -> None:
         ids[:, 0] = 0
         mask = np.ones((b, t), np.int32)
         fwd = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m).last_hidden_state).lower(state, ids, mask)
-        runs = {name: fwd.compile(compiler_options=opts or None) for name, opts in variants.items()}
+        runs = {name: fwd.compile(compiler_options=(default_compiler_options(jax.default_backend(), t)
+                                                    if opts is None else opts) or None)
+                for name, opts in variants.items()}
         tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
 
         def torch_forward(tids=tids, tmask=tmask):

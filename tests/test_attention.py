@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax.attention import attention, choose_impl
+from m3jax.attention import IMPLS, attention, choose_impl
 
 
 def inputs(b, t, n, h, lengths, seed=0, dtype=jnp.float32, scale=2.0):
@@ -96,3 +96,11 @@ def test_dispatch_by_backend_length_and_dtype():
     assert choose_impl(8192, jnp.bfloat16, "cpu") == "heads"
     with pytest.raises(ValueError, match="unknown attention impl 'fast'"):
         attention(*inputs(1, 8, 1, 4, [8]), impl="fast")
+
+
+def test_cli_offers_every_impl():
+    from m3jax.cli import build_parser
+
+    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
+    attn = next(a for a in bench._actions if a.dest == "attn")
+    assert tuple(attn.choices) == IMPLS
