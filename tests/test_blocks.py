@@ -2,8 +2,8 @@
 embeddings, self-attention, one layer, the layer stack, and each head.
 
 Every block is run three ways on the same float64 inputs cast to float32: m3jax (float32), the torch module
-(float32) and the torch module in float64. m3jax's error against float64 must stay within REL_MARGIN of torch's own
-float32 error plus a few ulps of the block's scale (tests/parity.py explains the bound).
+(float32) and the torch module in float64. m3jax's error against float64 must stay about torch's own float32 error
+(tests/parity.py explains the bounds).
 """
 
 import copy
@@ -18,7 +18,7 @@ from flax import nnx
 from m3jax.checkpoint import load_params
 from m3jax.model import l2_normalize, model_from_params
 from tests.helpers import SENTENCES, long_text
-from tests.parity import REL_MARGIN, ULP_FLOOR
+from tests.parity import check_against_float64
 
 
 @pytest.fixture(scope="module")
@@ -40,9 +40,7 @@ def _check(name, ours, ref32, ref64, where=None):
     ours, ref32, ref64 = (np.asarray(x, np.float64) for x in (ours, ref32, ref64))
     if where is not None:
         ours, ref32, ref64 = ours[where], ref32[where], ref64[where]
-    err, torch_err = np.abs(ours - ref64).max(), np.abs(ref32 - ref64).max()
-    bound = REL_MARGIN * torch_err + ULP_FLOOR * np.finfo(np.float32).eps * np.abs(ref64).max()
-    assert err <= bound, f"{name}: m3jax error {err:.3g} > bound {bound:.3g} (torch float32 error {torch_err:.3g})"
+    check_against_float64(name, ours, ref32, ref64)
     assert np.abs(ref64).max() > 0.1, f"{name}: the reference is near zero, the comparison would be empty"
 
 
