@@ -25,7 +25,7 @@ def test_full_size_forward_matches_flagembedding(full_release, record_property):
     import FlagEmbedding
 
     fe = FlagEmbedding.BGEM3FlagModel(str(full_release), use_fp16=False, devices="cpu")
-    texts = SENTENCES[:8] + [long_text(220, seed=5)]
+    texts = SENTENCES[:5] + [long_text(220, seed=5)]  # six rows of six lengths, padded to ~416 tokens
     batch, ref = flag_outputs(fe, texts)
     ref64 = flag_outputs_float64(fe, batch)
     del fe
