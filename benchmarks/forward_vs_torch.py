@@ -7,7 +7,8 @@ process on the same random full-width weights and the same token ids, alternated
     python benchmarks/forward_vs_torch.py --workloads 8x1024,4x2048 --options \
         '{"m3jax": null, "xla": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
 
-A variant's options null are m3jax's own per-length choice (m3jax.engine.default_compiler_options), {} XLA's.
+A variant's options null are m3jax's own per-length choice (m3jax.engine.default_compiler_options), {} XLA's; with
+Eigen's dots (`"xla_cpu_experimental_ynn_fusion_type": ""`) the feed-forward runs in column blocks, as in Encoder.
 
 Layers scan in m3jax and loop in torch, so per-layer cost is what is compared; a few layers give the ratio of the
 full model in a fraction of the time. Both return the last hidden state (no heads). Figures: median seconds per
@@ -43,7 +44,7 @@ def main() -> None:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from m3jax.config import M3Config
-    from m3jax.engine import default_compiler_options
+    from m3jax.engine import default_compiler_options, split_ffn
     from m3jax.model import init_model
 
     cfg = dataclasses.replace(M3Config.bge_m3(), num_layers=args.layers)
@@ -60,10 +61,12 @@ def main() -> None:
         ids = np.random.default_rng(0).integers(5, 1000, (b, t)).astype(np.int32)
         ids[:, 0] = 0
         mask = np.ones((b, t), np.int32)
-        fwd = jax.jit(lambda s, i, m: nnx.merge(graphdef, s)(i, m).last_hidden_state).lower(state, ids, mask)
-        runs = {name: fwd.compile(compiler_options=(default_compiler_options(jax.default_backend(), t)
-                                                    if opts is None else opts) or None)
-                for name, opts in variants.items()}
+        runs = {}
+        for name, opts in variants.items():
+            opts = default_compiler_options(jax.default_backend(), t) if opts is None else opts
+            split = split_ffn(jax.default_backend(), opts)
+            fwd = jax.jit(lambda s, i, m, split=split: nnx.merge(graphdef, s)(i, m, split_ffn=split).last_hidden_state)
+            runs[name] = fwd.lower(state, ids, mask).compile(compiler_options=opts or None)
         tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
 
         def torch_forward(tids=tids, tmask=tmask):

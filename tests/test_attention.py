@@ -60,6 +60,25 @@ def test_blocked_paths_match_xla(t, lengths, impl):
     assert_as_close_to_float64_as_xla(out, ref, exact, mask)  # these logits are sharp: both are ~1e-5 off at most
 
 
+@pytest.mark.parametrize("t,scale", [(300, 2.0), (300, 4.0), (1300, 2.0), (1300, 4.0)])
+def test_heads_softmax_without_and_with_the_max_shift(t, scale):
+    """"heads" takes exp of the raw scores where a head's Cauchy-Schwarz bound allows it (scale 2 here: logits
+    up to ~30), the max-shifted softmax where it does not (scale 4: the bound passes EXP_SAFE_LOG, so unshifted
+    scores could overflow exp) and for a head of padding only; both are held to the XLA path's closeness to float64,
+    in both length regimes."""
+    from m3jax.attention import _exp_is_safe
+
+    q, k, v, mask = inputs(3, t, 4, 32, [t, t // 3, 0], scale=scale)
+    flat = lambda x: x.transpose(0, 2, 1, 3).reshape(12, t, 32)  # noqa: E731
+    bias = jnp.repeat(jnp.where(mask, 0.0, -1e30), 4, axis=0)
+    safe = np.asarray(_exp_is_safe(flat(q / np.sqrt(32)), flat(k), flat(v), bias)).reshape(3, 4)
+    assert not safe[2].any()  # no real key: shifted, so the filler row averages instead of dividing 0 by 0
+    assert safe[:2].all() if scale == 2.0 else not safe.any()
+    out = attention(q, k, v, mask, impl="heads")
+    assert bool(jnp.isfinite(out).all())
+    assert_as_close_to_float64_as_xla(out, attention(q, k, v, mask, impl="xla"), truth(q, k, v, mask), mask)
+
+
 def test_chunked_never_builds_full_score_matrix():
     """The compiled blocked path holds no [B, N, T, T] buffer (the XLA path does)."""
     t, n = 4096, 4

@@ -131,3 +131,23 @@ def test_heads(blocks):
     _check("sparse head", sparse, r32[1], r64[1], real)
     _check("colbert head", colbert, r32[2], r64[2])
     assert 0.05 < (r64[1][real] > 0).mean() < 0.95, "the sparse ReLU must be neither dead nor always on"
+
+
+def test_split_feed_forward_is_the_same_sums(release_dirs):
+    """The feed-forward up-projection in column blocks (what Encoder compiles with Eigen's CPU dots) gives the
+    unsplit forward's outputs, on a config whose intermediate width (80) is not a multiple of the hidden (48);
+    and Encoder splits exactly when it compiles with Eigen's dots."""
+    from m3jax.engine import default_compiler_options, split_ffn
+    from m3jax.model import forward
+
+    cfg, params, _ = load_params(release_dirs["tiny_narrow_colbert"])
+    graphdef, state = nnx.split(model_from_params(cfg, params))
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, cfg.vocab_size, (3, 40)).astype(np.int32)
+    mask = (np.arange(40)[None] < np.array([[40], [17], [1]])).astype(np.int32)
+    whole, split = (forward(graphdef, state, ids, mask, split_ffn=s) for s in (False, True))
+    for name, a, b in zip(whole._fields, whole, split, strict=True):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6, err_msg=name)
+    assert split_ffn("cpu", default_compiler_options("cpu", 512))
+    assert not split_ffn("cpu", default_compiler_options("cpu", 2048))  # YNNPACK's dots: not faster in blocks
+    assert not split_ffn("gpu", default_compiler_options("gpu", 512))
