@@ -168,21 +168,21 @@ def _heads(q, k, v, mask, max_scores: int = HEADS_SCORES, rows: int = HEADS_ROWS
         o = jnp.einsum("...qk,...kh->...qh", p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)
         return o / p.sum(-1)[..., None]
 
-    def step(run):  # run(shift) -> output; the cheaper unshifted exp where this step's scores allow it
-        return lambda ok: jax.lax.cond(ok, lambda: run(False), lambda: run(True))
+    def either(ok, run):  # run(shift) -> output: the unshifted exp where this step's scores allow it (ok)
+        return jax.lax.cond(ok, lambda: run(False), lambda: run(True))
 
     if t * t <= max_scores:
         g = math.gcd(b * n, max(1, max_scores // (t * t)))  # heads per step, a divisor of B*N
         group = lambda x: x.reshape(b * n // g, g, *x.shape[1:])  # noqa: E731
-        out = jax.lax.map(lambda a: step(lambda shift: softmax_v(*a[:4], shift))(a[4].all()),
+        out = jax.lax.map(lambda a: either(a[4].all(), lambda shift: softmax_v(*a[:4], shift)),
                           (group(qs), group(ks), group(vs), group(bias), group(safe)))
     else:
         nq = -(-t // rows)
         size = -(-t // nq)
         size += -size % 8
         qb = jnp.pad(qs, ((0, 0), (0, nq * size - t), (0, 0))).reshape(b * n, nq, size, h)
-        out = jax.lax.map(lambda a: step(lambda shift: jax.lax.map(lambda qq: softmax_v(qq, *a[1:4], shift), a[0]))(
-            a[4]), (qb, ks, vs, bias, safe))
+        out = jax.lax.map(lambda a: either(a[4], lambda shift: jax.lax.map(
+            lambda qq: softmax_v(qq, *a[1:4], shift), a[0])), (qb, ks, vs, bias, safe))
     return out.reshape(b, n, -1, h)[:, :, :t].transpose(0, 2, 1, 3).astype(v.dtype)
 
 

@@ -278,11 +278,11 @@ class Encoder:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
             platform = self.devices[0].platform
-            options = default_compiler_options(platform, length) if self.compiler_options is None \
-                else self.compiler_options
+            defaults = self.compiler_options is None
+            options = default_compiler_options(platform, length) if defaults else self.compiler_options
             lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static,
                                                  split_ffn=split_ffn(platform, options))
-            exe = _compile(lowered, self.compiler_options, platform, length)
+            exe = _compile(lowered, options, defaults)
             self.compile_seconds[key] = time.perf_counter() - t0
             self._compiled[key] = exe
         return exe
@@ -333,16 +333,13 @@ def _fetch(batch: pipeline.Batch, out: pipeline.EncodeOutputs) -> tuple[pipeline
     return batch, pipeline.EncodeOutputs(*(None if x is None else x[:k] for x in host))
 
 
-def _compile(lowered: jax.stages.Lowered, options: dict[str, Any] | None, platform: str, length: int):
-    """Compiles with the user's options, or with default_compiler_options; a jaxlib that does not know a default
-    option (an older XLA) compiles with its own defaults instead."""
-    if options is not None:
-        return lowered.compile(compiler_options=options or None)
-    defaults = default_compiler_options(platform, length)
+def _compile(lowered: jax.stages.Lowered, options: dict[str, Any], defaults: bool):
+    """Compiles with `options`; where they are m3jax's defaults (default_compiler_options) and this jaxlib does not
+    know one (an older XLA), with XLA's own defaults instead. The user's options are never dropped."""
     try:
-        return lowered.compile(compiler_options=defaults or None)
+        return lowered.compile(compiler_options=options or None)
     except Exception as e:
-        if not defaults or "No such compile option" not in str(e):
+        if not (defaults and options) or "No such compile option" not in str(e):
             raise
-        logger.info("XLA does not know %s; compiling with its defaults", sorted(defaults))
+        logger.info("XLA does not know %s; compiling with its defaults", sorted(options))
         return lowered.compile()
