@@ -100,8 +100,8 @@ class Encoder:
       dtype: "float32" or "bfloat16" compute (parameters cast at load).
       devices: see resolve_devices; rows of a batch are split over them.
       attn_impl: see m3jax.attention.
-      length_buckets: padded lengths (default m3jax.encode.LENGTH_BUCKETS); the largest must hold the model's
-        longest input.
+      length_buckets: padded lengths (default m3jax.encode.default_length_buckets(platform): finer past 2,048
+        tokens on CPU); the largest must hold the model's longest input.
       max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)).
       pooling, normalize, truncate_dim: FlagEmbedding's pooling_method, normalize_embeddings, truncate_dim.
       compiler_options: XLA options for every executable (`jax.stages.Lowered.compile(compiler_options=...)`),
@@ -117,13 +117,14 @@ class Encoder:
                  compiler_options: dict[str, Any] | None = None):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        buckets = tuple(sorted(int(b) for b in (length_buckets or pipeline.LENGTH_BUCKETS)))
+        self.devices = resolve_devices(devices)
+        default = pipeline.default_length_buckets(self.devices[0].platform)
+        buckets = tuple(sorted(int(b) for b in (length_buckets or default)))
         longest = min(config.max_length, pipeline.LENGTH_BUCKETS[-1])
         if buckets[0] < 2 or buckets[-1] < longest:
             raise ValueError(f"length_buckets must be lengths >= 2 whose largest holds the longest input "
                              f"({longest} tokens), got {length_buckets!r}")
         self.config = config
-        self.devices = resolve_devices(devices)
         self.dtype = resolve_dtype(dtype)
         self.tokenizer_dir = Path(tokenizer_dir)
         self.tokenizer = Tokenizer(tokenizer_dir)

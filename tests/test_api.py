@@ -193,6 +193,13 @@ def test_compiled_shapes_stay_bounded(ours):
     # Deterministic (the plan is pure integer arithmetic on a seeded draw): exact values, not bounds.
     assert (stats["batches"], stats["shapes"], stats["max_shapes_bound"]) == (334, 70, 437)
     assert (stats["padded_tokens"], stats["real_tokens"]) == (4_348_676, 4_229_224)  # padding 2.8%
+    # CPU's buckets (every 128 tokens past 2,048): more shapes, less padding.
+    cpu = pipeline.count_shapes(lengths, batch_size=256, buckets=pipeline.default_length_buckets("cpu"))
+    assert (cpu["batches"], cpu["shapes"], cpu["max_shapes_bound"], cpu["padded_tokens"]) == (339, 112, 512, 4_299_780)
+    assert ours.engine.length_buckets == pipeline.CPU_LENGTH_BUCKETS  # the CPU encoder's default
+    assert pipeline.default_length_buckets("tpu") == pipeline.default_length_buckets("gpu") == pipeline.LENGTH_BUCKETS
+    assert set(pipeline.LENGTH_BUCKETS) < set(pipeline.CPU_LENGTH_BUCKETS)
+    assert pipeline.length_bucket(7943, pipeline.CPU_LENGTH_BUCKETS) == 8064
     # And what the compiled cache really holds for a varied workload: at most the planned shapes.
     before = set(ours.compile_seconds)
     texts = mixed(40, seed=11, max_words=300)
