@@ -95,7 +95,8 @@ class BGEM3:
             length_buckets=length_buckets, max_tokens_per_batch=max_tokens_per_batch, pooling=pooling_method,
             normalize=normalize_embeddings, truncate_dim=truncate_dim, compiler_options=compiler_options)
         cfg = self.engine.config
-        self.tokenizer = hf_compat.HFTokenizer(self.engine.tokenizer_dir)  # Hugging Face's calls, for clients
+        # Hugging Face's calls, for clients, over the engine's loaded tokenizer (not a second 290 MB copy)
+        self.tokenizer = hf_compat.HFTokenizer(self.engine.tokenizer_dir, share=self.engine.tokenizer)
         if colbert_dim > 0 and colbert_dim != cfg.colbert_dim:
             raise ValueError(f"colbert_dim={colbert_dim}, but the checkpoint's ColBERT head has {cfg.colbert_dim}")
         self.model_name_or_path = str(model_name_or_path)

@@ -131,8 +131,8 @@ class HFTokenizer(Tokenizer):
     is_fast = True
     model_input_names = ["input_ids", "attention_mask"]
 
-    def __init__(self, directory):
-        super().__init__(directory)
+    def __init__(self, directory, *, share: Tokenizer | None = None):
+        super().__init__(directory, share=share)
         directory = Path(directory)
         self.name_or_path = str(directory)
         self._directory = directory
@@ -176,13 +176,9 @@ class HFTokenizer(Tokenizer):
             if len(pairs) != len(texts) or not all(isinstance(t, str) for t in pairs):
                 raise ValueError(f"text_pair must match text: {len(pairs)} pairs for {len(texts)} texts")
         inputs = list(zip(texts, pairs, strict=True)) if pairs is not None else list(texts)
-        try:
+        with self._lock:
             encs = self._configured(padding, truncation, max_length, stride, pad_to_multiple_of).encode_batch(
                 inputs, add_special_tokens=add_special_tokens)
-        finally:  # hand the shared tokenizers instance back as Tokenizer.encode expects it
-            self._tok.no_padding()
-            self._tok.no_truncation()
-            self._max_length = None
         out = {"input_ids": [e.ids for e in encs]}
         if return_token_type_ids:
             out["token_type_ids"] = [e.type_ids for e in encs]
@@ -247,7 +243,8 @@ class HFTokenizer(Tokenizer):
         return tuple(written)
 
     def tokenize(self, text: str, pair: str | None = None, add_special_tokens: bool = False) -> list[str]:
-        return self._tok.encode(text, pair, add_special_tokens=add_special_tokens).tokens
+        with self._lock:
+            return self._plain(None).encode(text, pair, add_special_tokens=add_special_tokens).tokens
 
     def pad(self, encoded_inputs: Mapping | Sequence[Mapping], padding: bool | str = True,
             max_length: int | None = None, pad_to_multiple_of: int | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,19 +15,24 @@ _CLEANUP = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), ("
 
 
 class Tokenizer:
-    """Batched encoding to id arrays with `<s> … </s>` kept under truncation."""
+    """Batched encoding to id arrays with `<s> … </s>` kept under truncation.
 
-    def __init__(self, directory: str | os.PathLike):
-        from tokenizers import Tokenizer as _HFTokenizer
+    share: another Tokenizer whose loaded `tokenizers` instance (and lock) this one uses instead of loading
+    tokenizer.json again; XLM-R's 250k-entry vocabulary holds about 290 MB of memory per instance. Wrappers of one
+    instance each set its truncation and padding, under the shared lock, before they encode.
+    """
 
+    def __init__(self, directory: str | os.PathLike, *, share: Tokenizer | None = None):
         directory = Path(directory)
-        path = directory / "tokenizer.json"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path}: missing; m3jax needs the model's tokenizer.json")
-        self._tok = _HFTokenizer.from_file(str(path))
-        self._tok.no_padding()
-        self._tok.no_truncation()
-        self._max_length: int | None = None
+        if share is not None:
+            self._tok, self._lock = share._tok, share._lock
+        else:
+            from tokenizers import Tokenizer as _HFTokenizer
+
+            path = directory / "tokenizer.json"
+            if not path.is_file():
+                raise FileNotFoundError(f"{path}: missing; m3jax needs the model's tokenizer.json")
+            self._tok, self._lock = _HFTokenizer.from_file(str(path)), threading.Lock()
         cfg_path = directory / "tokenizer_config.json"
         cfg = json.loads(cfg_path.read_text()) if cfg_path.is_file() else {}
         self.cleanup = bool(cfg.get("clean_up_tokenization_spaces", False))
@@ -38,13 +44,24 @@ class Tokenizer:
         tokenizers cannot truncate below the two special tokens (it then returns the text untruncated, and so
         does FlagEmbedding); m3jax keeps `<s></s>` instead, so no output ever exceeds the position table.
         """
-        max_length = max(int(max_length), 2)
-        if self._max_length != max_length:
-            self._tok.enable_truncation(max_length)
-            self._max_length = max_length
-        encodings = self._tok.encode_batch(texts)
+        with self._lock:
+            encodings = self._plain(max(int(max_length), 2)).encode_batch(texts)
         ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         return ids, np.array([bool(e.overflowing) for e in encodings], dtype=bool)
+
+    def _plain(self, truncate: int | None):
+        """The `tokenizers` instance without padding, truncating at `truncate` tokens (None: not at all), whatever
+        another wrapper of it set last. Called under self._lock."""
+        tok = self._tok
+        if tok.padding is not None:
+            tok.no_padding()
+        if truncate is None:
+            if tok.truncation is not None:
+                tok.no_truncation()
+        elif tok.truncation != {"max_length": truncate, "stride": 0, "strategy": "longest_first",
+                                "direction": "right"}:
+            tok.enable_truncation(truncate)
+        return tok
 
     def decode_one(self, token_id: int) -> str:
         """transformers' `tokenizer.decode([token_id])`."""

@@ -208,6 +208,43 @@ def test_tokenizer_as_transformers(ours, flag):
         tok.encode(TOK_TEXTS)
 
 
+def test_tokenizer_shares_the_engines_instance(ours, flag):
+    """model.tokenizer wraps the engine's loaded `tokenizers` instance (one ~290 MB vocabulary, not two). Each
+    wrapper sets truncation and padding itself under the shared lock, so calls in any order, from any thread,
+    give what each gives alone."""
+    tok, eng, ref = ours.tokenizer, ours.engine.tokenizer, flag.tokenizer
+    assert tok._tok is eng._tok and tok._lock is eng._lock
+    at8 = ref(TOK_TEXTS, truncation=True, max_length=8)["input_ids"]
+    at5 = _plain(ref(TOK_TEXTS, truncation=True, max_length=5, padding="max_length"))
+    assert [x.tolist() for x in eng.encode(TOK_TEXTS, 8)[0]] == at8
+    assert _plain(tok(TOK_TEXTS, truncation=True, max_length=5, padding="max_length")) == at5
+    assert [x.tolist() for x in eng.encode(TOK_TEXTS, 8)[0]] == at8  # neither padded nor cut at 5 by the call above
+    assert [tok.tokenize(t) for t in TOK_TEXTS] == [ref.tokenize(t) for t in TOK_TEXTS]  # not cut at 8 either
+    assert tok(TOK_TEXTS)["input_ids"] == ref(TOK_TEXTS)["input_ids"]
+
+    import threading
+
+    wrong = []
+
+    def loop(call, expected):
+        for _ in range(100):
+            if call() != expected:
+                wrong.append(call.__name__)
+
+    def engine_at8():
+        return [x.tolist() for x in eng.encode(TOK_TEXTS, 8)[0]]
+
+    def hf_at5():
+        return _plain(tok(TOK_TEXTS, truncation=True, max_length=5, padding="max_length"))
+
+    threads = [threading.Thread(target=loop, args=a) for a in ((engine_at8, at8), (hf_at5, at5))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert wrong == []
+
+
 def test_convert_id_to_token_and_outputs_as_flagembedding(ours, flag):
     out = ours.encode(DOCS[:4], return_sparse=True)
     ref = flag.encode(DOCS[:4], return_sparse=True)
