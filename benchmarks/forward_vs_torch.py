@@ -5,10 +5,12 @@ process on the same random full-width weights and the same token ids, alternated
     python benchmarks/forward_vs_torch.py                          # 2 layers: passages 16 x 512, long 1 x 8,192
     python benchmarks/forward_vs_torch.py --layers 24 --repeats 5
     python benchmarks/forward_vs_torch.py --workloads 8x1024,4x2048 --options \
-        '{"m3jax": null, "xla": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
+        '{"m3jax": null, "no-blas": "no-blas", "xla": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
 
-A variant's options null are m3jax's own per-length choice (m3jax.engine.default_compiler_options), {} XLA's; with
-Eigen's dots (`"xla_cpu_experimental_ynn_fusion_type": ""`) the feed-forward runs in column blocks, as in Encoder.
+A variant's options null are m3jax's own choice, as Encoder makes it: projections through OpenBLAS where
+m3jax.blas is available, XLA options per length (m3jax.engine.default_compiler_options); "no-blas" the same without
+OpenBLAS; a dict, those XLA options and XLA's projections (with Eigen's dots,
+`"xla_cpu_experimental_ynn_fusion_type": ""`, the feed-forward in column blocks, as in Encoder).
 
 Layers scan in m3jax and loop in torch, so per-layer cost is what is compared; a few layers give the ratio of the
 full model in a fraction of the time. Both return the last hidden state (no heads). Figures: median seconds per
@@ -35,7 +37,8 @@ def main() -> None:
                     help=f"comma-separated names ({', '.join(WORKLOADS)}) or shapes ROWSxLENGTH, e.g. 8x1024")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--options", default='{"m3jax": null}',
-                    help="JSON {name: XLA compiler options, or null for m3jax's default}; every variant is timed")
+                    help='JSON {name: XLA compiler options, null for m3jax\'s default, or "no-blas"}; every variant '
+                         "is timed")
     args = ap.parse_args()
 
     import jax
@@ -44,7 +47,7 @@ def main() -> None:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from m3jax.config import M3Config
-    from m3jax.engine import default_compiler_options, split_ffn
+    from m3jax.engine import default_compiler_options, projections, use_cpu_blas
     from m3jax.model import init_model
 
     cfg = dataclasses.replace(M3Config.bge_m3(), num_layers=args.layers)
@@ -62,10 +65,13 @@ def main() -> None:
         ids[:, 0] = 0
         mask = np.ones((b, t), np.int32)
         runs = {}
+        platform = jax.default_backend()
         for name, opts in variants.items():
-            opts = default_compiler_options(jax.default_backend(), t) if opts is None else opts
-            split = split_ffn(jax.default_backend(), opts)
-            fwd = jax.jit(lambda s, i, m, split=split: nnx.merge(graphdef, s)(i, m, split_ffn=split).last_hidden_state)
+            cpu_blas = opts is None and use_cpu_blas(platform, "float32")
+            if opts is None or opts == "no-blas":
+                opts = default_compiler_options(platform, t, cpu_blas)
+            proj = projections(platform, opts, cpu_blas)
+            fwd = jax.jit(lambda s, i, m, p=proj: nnx.merge(graphdef, s)(i, m, projections=p).last_hidden_state)
             runs[name] = fwd.lower(state, ids, mask).compile(compiler_options=opts or None)
         tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
 

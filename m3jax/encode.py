@@ -188,13 +188,13 @@ class EncodeOutputs(NamedTuple):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "attn_impl", "pooling", "normalize",
-                                             "truncate_dim", "special_ids", "mcls_interval", "split_ffn"))
+                                             "truncate_dim", "special_ids", "mcls_interval", "projections"))
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
                 heads: tuple[str, ...], attn_impl: str = "auto", pooling: str = "cls", normalize: bool = True,
                 truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3),
-                mcls_interval: int | None = None, split_ffn: bool = False) -> EncodeOutputs:
+                mcls_interval: int | None = None, projections: str = "xla") -> EncodeOutputs:
     """One padded batch through the model; returns only the requested heads (XLA prunes the rest).
-    split_ffn: see BGEM3Model.
+    projections: see BGEM3Model.
 
     mcls_interval: the rows are insert_cls layouts of this interval. Dense is then the mean of the hidden states at
     every CLS position; sparse drops the inserted `<s>` as every special id; ColBERT drops the inserted positions,
@@ -205,7 +205,7 @@ def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, 
         cls, inserted = mcls_positions(attention_mask, mcls_interval)
     out = nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl, pooling=pooling,
                                      normalize=normalize, truncate_dim=truncate_dim, cls_mask=cls,
-                                     split_ffn=split_ffn)
+                                     projections=projections)
     ids = weights = colbert = None
     if "sparse" in heads:
         ids, weights = aggregate_sparse(input_ids, out.sparse, attention_mask, special_ids)

@@ -18,9 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3jax import blas
 from m3jax import encode as pipeline
 from m3jax._io import cache_root
 from m3jax.checkpoint import load_pretrained
@@ -34,20 +36,33 @@ logger = logging.getLogger("m3jax")
 # other one it ships) for the model's large projections, which dominate up to about 1,024 tokens. Measured with
 # benchmarks/forward_vs_torch.py (2-core x86, 2 full-width layers), Eigen over YNNPACK: 16x512 1.08x, 8x1024 1.07x,
 # 4x2048 0.93x, 1x8192 0.75x.
+# With the projections on OpenBLAS (m3jax.blas) only attention's products are left to XLA; Eigen's are then the
+# faster up to 512 tokens and YNNPACK's beyond (same benchmark, 2 layers: 16x512 3.61 s vs 3.74, 8x1024 4.53 vs 4.34).
 CPU_EIGEN_MAX_LENGTH = 1024
+CPU_BLAS_EIGEN_MAX_LENGTH = 512
 CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
-def default_compiler_options(platform: str, length: int) -> dict[str, Any]:
-    """The XLA options an executable for padded `length` gets when the user passes none: Eigen's dots on CPU for
-    lengths up to CPU_EIGEN_MAX_LENGTH, XLA's defaults otherwise."""
-    return dict(CPU_EIGEN_DOTS) if platform == "cpu" and length <= CPU_EIGEN_MAX_LENGTH else {}
+def use_cpu_blas(platform: str, dtype: Any, num_devices: int = 1) -> bool:
+    """Whether an encoder on `platform` runs its projections through OpenBLAS (BGEM3Model's projections "blas"):
+    float32 inference on one CPU device, with scipy-openblas32 installed and M3JAX_CPU_BLAS not "0"."""
+    return platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and blas.available()
 
 
-def split_ffn(platform: str, options: dict[str, Any]) -> bool:
-    """Whether an executable compiled with `options` runs the feed-forward up-projection in column blocks
-    (BGEM3Model's split_ffn): on CPU with Eigen's dots, which are faster in blocks."""
-    return platform == "cpu" and options.get("xla_cpu_experimental_ynn_fusion_type") == ""
+def default_compiler_options(platform: str, length: int, cpu_blas: bool = False) -> dict[str, Any]:
+    """The XLA options an executable for padded `length` gets when the user passes none: on CPU Eigen's dots up to
+    CPU_EIGEN_MAX_LENGTH (CPU_BLAS_EIGEN_MAX_LENGTH with cpu_blas), XLA's defaults otherwise."""
+    limit = CPU_BLAS_EIGEN_MAX_LENGTH if cpu_blas else CPU_EIGEN_MAX_LENGTH
+    return dict(CPU_EIGEN_DOTS) if platform == "cpu" and length <= limit else {}
+
+
+def projections(platform: str, options: dict[str, Any], cpu_blas: bool = False) -> str:
+    """BGEM3Model's `projections` for an executable compiled with `options`: "blas" with cpu_blas; on CPU with
+    Eigen's dots "split" (its up-projection is faster in column blocks); else "xla"."""
+    if cpu_blas:
+        return "blas"
+    eigen = platform == "cpu" and options.get("xla_cpu_experimental_ynn_fusion_type") == ""
+    return "split" if eigen else "xla"
 
 
 def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
@@ -133,6 +148,8 @@ class Encoder:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.pooling, self.normalize, self.truncate_dim = pooling, normalize, truncate_dim
         self.compiler_options = None if compiler_options is None else dict(compiler_options)
+        # float32 on one CPU device: the projections through OpenBLAS (m3jax.blas), 1.1-1.2x the forward here.
+        self.cpu_blas = use_cpu_blas(self.devices[0].platform, self.dtype, len(self.devices))
         self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
         if len(self.devices) > 1:
             mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
@@ -280,9 +297,10 @@ class Encoder:
             t0 = time.perf_counter()
             platform = self.devices[0].platform
             defaults = self.compiler_options is None
-            options = default_compiler_options(platform, length) if defaults else self.compiler_options
+            options = (default_compiler_options(platform, length, self.cpu_blas) if defaults
+                       else self.compiler_options)
             lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static,
-                                                 split_ffn=split_ffn(platform, options))
+                                                 projections=projections(platform, options, self.cpu_blas))
             exe = _compile(lowered, options, defaults)
             self.compile_seconds[key] = time.perf_counter() - t0
             self._compiled[key] = exe

@@ -14,10 +14,14 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from m3jax import blas
 from m3jax.attention import attention
 from m3jax.config import M3Config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# How the dense projections run (BGEM3Model's `projections`): "xla" as XLA compiles them; "split", the feed-forward
+# up-projection in column blocks; "blas", through OpenBLAS (m3jax.blas, CPU inference). m3jax.engine chooses.
+PROJECTIONS = ("xla", "split", "blas")
 
 
 class ModelOutputs(NamedTuple):
@@ -57,6 +61,13 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype,
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def project(linear: nnx.Linear, x: jax.Array, projections: str) -> jax.Array:
+    """linear(x), or with projections "blas" the same product through OpenBLAS (float32) plus the bias."""
+    if projections != "blas":
+        return linear(x)
+    return blas.matmul(x, linear.kernel[...]) + linear.bias[...]
 
 
 def _layer_norm(dim: int, cfg: M3Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -100,12 +111,12 @@ class SelfAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.dropout_rate = cfg.attention_probs_dropout_prob
 
-    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None
-                 ) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None,
+                 projections: str = "xla") -> jax.Array:
         """x [B, T, D], mask [B, T] -> context [B, T, D]."""
         b, t, d = x.shape
-        split = lambda y: y.reshape(b, t, self.num_heads, d // self.num_heads)  # noqa: E731  [B, T, N, H]
-        ctx = attention(split(self.query(x)), split(self.key(x)), split(self.value(x)), mask, impl=impl,
+        heads = lambda lin: project(lin, x, projections).reshape(b, t, self.num_heads, -1)  # noqa: E731  [B, T, N, H]
+        ctx = attention(heads(self.query), heads(self.key), heads(self.value), mask, impl=impl,
                         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
         return ctx.reshape(b, t, d)
 
@@ -118,8 +129,10 @@ class Output(nnx.Module):
         self.LayerNorm = _layer_norm(cfg.hidden_size, cfg, rngs)
         self.dropout_rate = cfg.hidden_dropout_prob
 
-    def __call__(self, h: jax.Array, residual: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        return self.LayerNorm(dropout(self.dense(h).astype(jnp.float32), self.dropout_rate, dropout_rng) + residual)
+    def __call__(self, h: jax.Array, residual: jax.Array, dropout_rng: jax.Array | None = None,
+                 projections: str = "xla") -> jax.Array:
+        y = project(self.dense, h, projections).astype(jnp.float32)
+        return self.LayerNorm(dropout(y, self.dropout_rate, dropout_rng) + residual)
 
 
 class Attention(nnx.Module):
@@ -132,10 +145,10 @@ class Intermediate(nnx.Module):
     def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
         self.dense = _linear(cfg.hidden_size, cfg.intermediate_size, dtype, rngs)
 
-    def __call__(self, x: jax.Array, split: bool = False) -> jax.Array:
-        """split: the projection as column blocks of at most hidden-size outputs (see BGEM3Model's split_ffn)."""
-        if not split:
-            return jax.nn.gelu(self.dense(x), approximate=False)  # exact erf GELU, as torch's default
+    def __call__(self, x: jax.Array, projections: str = "xla") -> jax.Array:
+        """projections "split": column blocks of at most hidden-size outputs (see BGEM3Model's projections)."""
+        if projections != "split":
+            return jax.nn.gelu(project(self.dense, x, projections), approximate=False)  # exact erf, as torch's
         kernel, bias = self.dense.kernel[...], self.dense.bias[...]
         x, kernel, bias = self.dense.promote_dtype((x, kernel, bias), dtype=self.dense.dtype)
         d, f = kernel.shape
@@ -154,12 +167,12 @@ class Layer(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None,
-                 split_ffn: bool = False) -> jax.Array:
+                 projections: str = "xla") -> jax.Array:
         """x [B, T, D] float32 residual stream -> [B, T, D] float32. dropout_rng: None at inference."""
         r = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         h = x.astype(self.dtype)
-        x = self.attention.output(self.attention.self(h, mask, impl, r[0]), x, r[1])
-        return self.output(self.intermediate(x.astype(self.dtype), split_ffn), x, r[2])
+        x = self.attention.output(self.attention.self(h, mask, impl, r[0], projections), x, r[1], projections)
+        return self.output(self.intermediate(x.astype(self.dtype), projections), x, r[2], projections)
 
 
 class Encoder(nnx.Module):
@@ -175,14 +188,14 @@ class Encoder(nnx.Module):
         self.remat = False
 
     def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None,
-                 split_ffn: bool = False) -> jax.Array:
+                 projections: str = "xla") -> jax.Array:
         graphdef, state = nnx.split(self.layer)
         num_layers = jax.tree_util.tree_leaves(state)[0].shape[0]
         keys = None if dropout_rng is None else jax.random.split(dropout_rng, num_layers)
 
         def body(h, xs):
             layer_state, key = xs
-            return nnx.merge(graphdef, layer_state)(h, mask, impl, key, split_ffn), None
+            return nnx.merge(graphdef, layer_state)(h, mask, impl, key, projections), None
 
         x, _ = jax.lax.scan(jax.checkpoint(body) if self.remat else body, x, (state, keys))
         return x
@@ -204,7 +217,7 @@ class BGEM3Model(nnx.Module):
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto",
                  pooling: str = "cls", normalize: bool = True, truncate_dim: int | None = None,
                  dropout_rng: jax.Array | None = None, cls_mask: jax.Array | None = None,
-                 split_ffn: bool = False) -> ModelOutputs:
+                 projections: str = "xla") -> ModelOutputs:
         """Runs the encoder and all three heads.
 
         Args:
@@ -217,19 +230,23 @@ class BGEM3Model(nnx.Module):
           dropout_rng: a PRNG key turns on dropout at the config's rates (training); None (inference) is exact.
           cls_mask: [B, T] bool, multiple CLS (MCLS, see m3jax.encode.insert_cls): dense is the mean of the hidden
             states at the marked positions instead of position 0's. Only with pooling "cls".
-          split_ffn: run each feed-forward up-projection ([T, D] x [D, 4D]) as four [D, D] column blocks: the same
-            sums, and 1.4x faster under Eigen's CPU matmul, which m3jax.engine uses for short buckets (measured on
-            a 2-core AMD Zen 3: 79 GFLOP/s as one product, 113-118 in blocks; XLA's default YNNPACK dots are not
-            faster in blocks). m3jax.engine.split_ffn says when.
+          projections: how the dense projections run, one of PROJECTIONS (m3jax.engine.projections chooses).
+            "split": each feed-forward up-projection ([T, D] x [D, 4D]) as four [D, D] column blocks, the same
+            sums, and 1.4x faster under Eigen's CPU matmul (measured on a 2-core AMD Zen 3: 79 GFLOP/s as one
+            product, 113-118 in blocks; XLA's default YNNPACK dots are not faster in blocks). "blas": every
+            projection of the encoder and the ColBERT head through OpenBLAS (m3jax.blas; float32 CPU inference,
+            no gradient).
         Returns ModelOutputs.
         """
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
         if cls_mask is not None and pooling != "cls":
             raise ValueError(f"cls_mask (MCLS) pools CLS positions; it needs pooling='cls', got {pooling!r}")
+        if projections not in PROJECTIONS:
+            raise ValueError(f"projections must be one of {PROJECTIONS}, got {projections!r}")
         mask = attention_mask.astype(bool)
         r = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
-        h = self.encoder(self.embeddings(input_ids, r[0]), mask, attn_impl, r[1], split_ffn)
+        h = self.encoder(self.embeddings(input_ids, r[0]), mask, attn_impl, r[1], projections)
         hc = h.astype(self.dtype)
         if cls_mask is not None:
             w = cls_mask.astype(jnp.float32)[..., None]
@@ -239,7 +256,7 @@ class BGEM3Model(nnx.Module):
         else:
             dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
         sparse = jax.nn.relu(self.sparse_linear(hc).astype(jnp.float32))[..., 0]
-        colbert = self.colbert_linear(hc[:, 1:]).astype(jnp.float32) * mask[:, 1:, None]
+        colbert = project(self.colbert_linear, hc[:, 1:], projections).astype(jnp.float32) * mask[:, 1:, None]
         if truncate_dim is not None:
             dense, colbert = dense[..., :truncate_dim], colbert[..., :truncate_dim]
         if normalize:
@@ -272,10 +289,10 @@ def model_from_params(cfg: M3Config, params: Any, *, dtype: Any = "float32") -> 
     return nnx.merge(graphdef, abstract)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "split_ffn"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl", "projections"))
 def forward(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
-            *, attn_impl: str = "auto", dropout_rng: jax.Array | None = None, split_ffn: bool = False
+            *, attn_impl: str = "auto", dropout_rng: jax.Array | None = None, projections: str = "xla"
             ) -> ModelOutputs:
     """Pure jitted forward over `nnx.split(model)` (outputs nobody reads are pruned by XLA)."""
     return nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl, dropout_rng=dropout_rng,
-                                      split_ffn=split_ffn)
+                                      projections=projections)

@@ -136,8 +136,8 @@ def test_heads(blocks):
 def test_split_feed_forward_is_the_same_sums(release_dirs):
     """The feed-forward up-projection in column blocks (what Encoder compiles with Eigen's CPU dots) gives the
     unsplit forward's outputs, on a config whose intermediate width (80) is not a multiple of the hidden (48);
-    and Encoder splits exactly when it compiles with Eigen's dots."""
-    from m3jax.engine import default_compiler_options, split_ffn
+    and Encoder splits exactly when it compiles with Eigen's dots and does not use OpenBLAS."""
+    from m3jax.engine import default_compiler_options, projections
     from m3jax.model import forward
 
     cfg, params, _ = load_params(release_dirs["tiny_narrow_colbert"])
@@ -145,9 +145,10 @@ def test_split_feed_forward_is_the_same_sums(release_dirs):
     rng = np.random.default_rng(0)
     ids = rng.integers(5, cfg.vocab_size, (3, 40)).astype(np.int32)
     mask = (np.arange(40)[None] < np.array([[40], [17], [1]])).astype(np.int32)
-    whole, split = (forward(graphdef, state, ids, mask, split_ffn=s) for s in (False, True))
+    whole, split = (forward(graphdef, state, ids, mask, projections=p) for p in ("xla", "split"))
     for name, a, b in zip(whole._fields, whole, split, strict=True):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-6, atol=1e-6, err_msg=name)
-    assert split_ffn("cpu", default_compiler_options("cpu", 512))
-    assert not split_ffn("cpu", default_compiler_options("cpu", 2048))  # YNNPACK's dots: not faster in blocks
-    assert not split_ffn("gpu", default_compiler_options("gpu", 512))
+    assert projections("cpu", default_compiler_options("cpu", 512)) == "split"
+    assert projections("cpu", default_compiler_options("cpu", 2048)) == "xla"  # YNNPACK's: not faster in blocks
+    assert projections("gpu", default_compiler_options("gpu", 512)) == "xla"
+    assert projections("cpu", default_compiler_options("cpu", 512, cpu_blas=True), cpu_blas=True) == "blas"
