@@ -266,13 +266,17 @@ def test_compiler_options_reach_every_executable(release_dirs):
 
 
 def test_cpu_buckets_get_their_dot_library(release_dirs):
-    """With no compiler_options, a CPU bucket up to CPU_EIGEN_MAX_LENGTH compiles with Eigen's dots (no YNNPACK
-    fusion in its executable) and a longer one with XLA's own defaults; outputs agree within float32 rounding."""
-    from m3jax.engine import CPU_EIGEN_MAX_LENGTH, Encoder, default_compiler_options
+    """With no compiler_options, a CPU bucket up to CPU_EIGEN_MAX_LENGTH (CPU_BLAS_EIGEN_MAX_LENGTH where the
+    projections go to OpenBLAS) compiles with Eigen's dots (no YNNPACK fusion in its executable) and a longer one
+    with XLA's own defaults; outputs agree within float32 rounding."""
+    from m3jax.engine import CPU_BLAS_EIGEN_MAX_LENGTH, CPU_EIGEN_MAX_LENGTH, Encoder, default_compiler_options
 
     if jax.default_backend() != "cpu":
         pytest.skip("the per-length dot library is a CPU default")
     assert default_compiler_options("cpu", CPU_EIGEN_MAX_LENGTH) and not default_compiler_options("cpu", 1025)
+    blas_limit = CPU_BLAS_EIGEN_MAX_LENGTH
+    assert default_compiler_options("cpu", blas_limit, True) and not default_compiler_options("cpu", blas_limit + 1,
+                                                                                               True)
     assert default_compiler_options("gpu", 64) == {} == default_compiler_options("tpu", 64)
     enc = Encoder.from_pretrained(release_dirs["tiny"], length_buckets=(64, 8192))
     short, long = enc.executable(64, 2).as_text(), enc.executable(2048, 1).as_text()
