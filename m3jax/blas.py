@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes as C
 import importlib.util
 import logging
+import math
 import os
 import sys
 import threading
@@ -31,7 +32,6 @@ logger = logging.getLogger("m3jax")
 TARGET = "m3jax_sgemm"
 DISABLE_ENV = "M3JAX_CPU_BLAS"  # "0": never use it
 _ROW_MAJOR, _NO_TRANS = 101, 111
-_F32 = 11  # XLA_FFI_DataType_F32
 _METADATA = 1  # XLA_FFI_Extension_Metadata
 
 
@@ -174,8 +174,6 @@ def matmul(x: jax.Array, w: jax.Array) -> jax.Array:
         raise ValueError(f"blas.matmul: x {tuple(x.shape)} and w {tuple(w.shape)} do not contract (x [..., K], "
                          "w [K, N])")
     lead, (k, n) = x.shape[:-1], w.shape
-    rows = 1
-    for d in lead:
-        rows *= d
+    rows = math.prod(lead)
     out = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))(x.reshape(rows, k), w)
     return out.reshape(*lead, n)
