@@ -8,7 +8,7 @@ process on the same random full-width weights and the same token ids, alternated
         '{"m3jax": null, "no-blas": "no-blas", "xla": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
 
 A variant's options null are m3jax's own choice, as Encoder makes it: projections through OpenBLAS where
-m3jax.blas is available, XLA options per length (m3jax.engine.default_compiler_options); "no-blas" the same without
+m3jax.blas is available, XLA options per length (m3jax.engine.compile_plan); "no-blas" the same without
 OpenBLAS; a dict, those XLA options and XLA's projections (with Eigen's dots,
 `"xla_cpu_experimental_ynn_fusion_type": ""`, the feed-forward in column blocks, as in Encoder).
 
@@ -47,7 +47,7 @@ def main() -> None:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from m3jax.config import M3Config
-    from m3jax.engine import default_compiler_options, projections, use_cpu_blas
+    from m3jax.engine import compile_plan, use_cpu_blas
     from m3jax.model import init_model
 
     cfg = dataclasses.replace(M3Config.bge_m3(), num_layers=args.layers)
@@ -68,9 +68,7 @@ def main() -> None:
         platform = jax.default_backend()
         for name, opts in variants.items():
             cpu_blas = opts is None and use_cpu_blas(platform, "float32")
-            if opts is None or opts == "no-blas":
-                opts = default_compiler_options(platform, t, cpu_blas)
-            proj = projections(platform, opts, cpu_blas)
+            opts, proj = compile_plan(platform, t, cpu_blas, None if opts == "no-blas" else opts)
             fwd = jax.jit(lambda s, i, m, p=proj: nnx.merge(graphdef, s)(i, m, projections=p).last_hidden_state)
             runs[name] = fwd.lower(state, ids, mask).compile(compiler_options=opts or None)
         tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)

@@ -65,6 +65,15 @@ def projections(platform: str, options: dict[str, Any], cpu_blas: bool = False) 
     return "split" if eigen else "xla"
 
 
+def compile_plan(platform: str, length: int, cpu_blas: bool = False, options: dict[str, Any] | None = None
+                 ) -> tuple[dict[str, Any], str]:
+    """(XLA compiler options, BGEM3Model's `projections`) for an executable of padded `length`, as Encoder compiles
+    it: `options` as given, or default_compiler_options when None; projections to match (see `projections`)."""
+    if options is None:
+        options = default_compiler_options(platform, length, cpu_blas)
+    return options, projections(platform, options, cpu_blas)
+
+
 def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
     """Turns on JAX's persistent compilation cache (default `$M3JAX_HOME/jax_cache`), unless the user already
     configured one or passed False. Returns the directory in use."""
@@ -295,13 +304,9 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            platform = self.devices[0].platform
-            defaults = self.compiler_options is None
-            options = (default_compiler_options(platform, length, self.cpu_blas) if defaults
-                       else self.compiler_options)
-            lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static,
-                                                 projections=projections(platform, options, self.cpu_blas))
-            exe = _compile(lowered, options, defaults)
+            options, proj = compile_plan(self.devices[0].platform, length, self.cpu_blas, self.compiler_options)
+            lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static, projections=proj)
+            exe = _compile(lowered, options, defaults=self.compiler_options is None)
             self.compile_seconds[key] = time.perf_counter() - t0
             self._compiled[key] = exe
         return exe

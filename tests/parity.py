@@ -25,7 +25,7 @@ import torch
 from flax import nnx
 
 from m3jax.checkpoint import load_params
-from m3jax.engine import default_compiler_options, projections, use_cpu_blas
+from m3jax.engine import compile_plan, use_cpu_blas
 from m3jax.model import forward, model_from_params
 
 ABS_TOL = 1e-5
@@ -77,10 +77,8 @@ def m3jax_outputs(path, batch, dtype="float32", attn_impl="auto"):
     graphdef, state = nnx.split(model_from_params(cfg, params, dtype=dtype))
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     platform = jax.default_backend()
-    cpu_blas = use_cpu_blas(platform, dtype)
-    options = default_compiler_options(platform, ids.shape[1], cpu_blas)
-    lowered = forward.lower(graphdef, state, ids, mask, attn_impl=attn_impl,
-                            projections=projections(platform, options, cpu_blas))
+    options, proj = compile_plan(platform, ids.shape[1], use_cpu_blas(platform, dtype))
+    lowered = forward.lower(graphdef, state, ids, mask, attn_impl=attn_impl, projections=proj)
     out = lowered.compile(options or None)(state, ids, mask)
     return cfg, {k: np.asarray(v) for k, v in out._asdict().items()}
 

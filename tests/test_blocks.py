@@ -137,7 +137,7 @@ def test_split_feed_forward_is_the_same_sums(release_dirs):
     """The feed-forward up-projection in column blocks (what Encoder compiles with Eigen's CPU dots) gives the
     unsplit forward's outputs, on a config whose intermediate width (80) is not a multiple of the hidden (48);
     and Encoder splits exactly when it compiles with Eigen's dots and does not use OpenBLAS."""
-    from m3jax.engine import default_compiler_options, projections
+    from m3jax.engine import CPU_EIGEN_DOTS, compile_plan, default_compiler_options, projections
     from m3jax.model import forward
 
     cfg, params, _ = load_params(release_dirs["tiny_narrow_colbert"])
@@ -152,3 +152,8 @@ def test_split_feed_forward_is_the_same_sums(release_dirs):
     assert projections("cpu", default_compiler_options("cpu", 2048)) == "xla"  # YNNPACK's: not faster in blocks
     assert projections("gpu", default_compiler_options("gpu", 512)) == "xla"
     assert projections("cpu", default_compiler_options("cpu", 512, cpu_blas=True), cpu_blas=True) == "blas"
+    # compile_plan, what Encoder, tests/parity.py and the benchmark compile with: m3jax's options or the user's.
+    assert compile_plan("cpu", 512) == (CPU_EIGEN_DOTS, "split")
+    assert compile_plan("cpu", 4096, cpu_blas=True) == ({}, "blas")
+    assert compile_plan("cpu", 4096, options=CPU_EIGEN_DOTS) == (CPU_EIGEN_DOTS, "split")  # the user's, kept
+    assert compile_plan("gpu", 512, options={}) == ({}, "xla")
