@@ -79,13 +79,17 @@ _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "handler": the live ctypes callback
 
 
-def _library_path() -> Path | None:
-    """The scipy-openblas32 shared library, found without importing the package (importing it loads the library)."""
+def _library_dir() -> Path | None:
+    """scipy-openblas32's library folder, found without importing the package (importing it loads the library)."""
     spec = importlib.util.find_spec("scipy_openblas32")
     if spec is None or not spec.submodule_search_locations:
         return None
-    lib = Path(next(iter(spec.submodule_search_locations))) / "lib"
-    found = sorted(lib.glob("libscipy_openblas*.so*")) + sorted(lib.glob("libscipy_openblas*.dylib"))
+    return Path(next(iter(spec.submodule_search_locations))) / "lib"
+
+
+def _library_path(lib: Path) -> Path | None:
+    """The shared library in `lib`: .so on Linux, .dylib on macOS, .dll on Windows."""
+    found = [p for pattern in ("*.so*", "*.dylib", "*.dll") for p in sorted(lib.glob("libscipy_openblas" + pattern))]
     return found[0] if found else None
 
 
@@ -150,9 +154,12 @@ def unavailable_reason() -> str | None:
 def _setup() -> tuple[bool, str | None]:
     if os.environ.get(DISABLE_ENV, "1") == "0":
         return False, f"{DISABLE_ENV}=0"
-    path = _library_path()
-    if path is None:
+    lib = _library_dir()
+    if lib is None:
         return False, "scipy-openblas32 is not installed"
+    path = _library_path(lib)
+    if path is None:
+        return False, f"no libscipy_openblas shared library in {lib}"
     if _already_loaded(path):
         return False, (f"{path.name} was loaded before m3jax could set its thread timeout (its idle threads would "
                        "spin against XLA's)")

@@ -119,3 +119,21 @@ def test_unavailable_falls_back_to_xla(release_dirs):
     assert "REASON M3JAX_CPU_BLAS=0" in off and "CPU projections stay with XLA's dots" in off
     first = _run(code.format(pre="import scipy_openblas32"))
     assert "loaded before m3jax could set its thread timeout" in first
+
+
+def test_library_lookup_names_what_is_missing(tmp_path, monkeypatch):
+    """Each platform's library name is found (.so, .dylib, .dll); a package folder without one is reported as such,
+    not as a missing package."""
+    for name in ("libscipy_openblas.so", "libscipy_openblas.dylib", "libscipy_openblas.dll"):
+        lib = tmp_path / name.rsplit(".", 1)[1]
+        lib.mkdir()
+        (lib / name).write_bytes(b"")
+        (lib / "libother.so").write_bytes(b"")
+        assert blas._library_path(lib) == lib / name
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.delenv(blas.DISABLE_ENV, raising=False)
+    monkeypatch.setattr(blas, "_library_dir", lambda: empty)
+    assert blas._setup() == (False, f"no libscipy_openblas shared library in {empty}")
+    monkeypatch.setattr(blas, "_library_dir", lambda: None)
+    assert blas._setup() == (False, "scipy-openblas32 is not installed")
