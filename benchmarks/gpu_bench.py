@@ -211,7 +211,8 @@ def main():
         print(json.dumps(row), flush=True)
         assert cos > (0.999 if cpu else 0.99), f"m3jax and FlagEmbedding disagree: min dense cosine {cos}"
     # (query length, passage length, queries, group size): 512- and 8,192-token passages, 32,768 passage tokens each.
-    train_loads = [(16, 64, 2, 2), (32, 512, 1, 2)] if cpu else [(64, 512, 16, 4), (512, 8192, 2, 2)]
+    # The CPU check compiles one of them (the step's code is the same; each compile takes ~25 s of CI's time).
+    train_loads = [(16, 64, 2, 2)] if cpu else [(64, 512, 16, 4), (512, 8192, 2, 2)]
     for q_len, p_len, queries, group in train_loads:
         row = train_run(cfg, q_len, p_len, queries, group, args.repeat, cpu)
         results["train"].append(row)

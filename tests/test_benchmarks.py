@@ -38,8 +38,8 @@ def test_gpu_script_checks_out_on_cpu(tmp_path):
         assert w["min_dense_cosine"] > 0.999  # m3jax and FlagEmbedding agree on the same texts
         assert w["m3jax"]["tokens_per_s"] > 0 and w["flag"]["tokens_per_s"] > 0
         assert w["flag"]["engine"] == "FlagEmbedding BGEM3FlagModel"
-    # fit's step in bf16 with remat, at the CPU check's two passage lengths (512 and 8,192 on the GPU).
-    assert [(t["passage_len"], t["queries"] * t["group"]) for t in res["train"]] == [(64, 4), (512, 2)]
+    # fit's step in bf16 with remat, on the CPU check's one load (two on the GPU: 512- and 8,192-token passages).
+    assert [(t["passage_len"], t["queries"] * t["group"]) for t in res["train"]] == [(64, 4)]
     for t in res["train"]:
         assert t["tokens_per_s"] > 0 and t["temp_gb"] > 0 and len(t["losses"]) == 2
 
