@@ -8,8 +8,9 @@ process on the same random full-width weights and the same token ids, alternated
         '{"m3jax": null, "no-blas": "no-blas", "xla": {}, "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}'
 
 A variant's options null are m3jax's own choice, as Encoder makes it: projections through OpenBLAS where
-m3jax.blas is available, XLA options per length (m3jax.engine.compile_plan); "no-blas" the same without
-OpenBLAS; a dict, those XLA options and XLA's projections (with Eigen's dots,
+m3jax.blas is available, attention through m3jax.native's kernel where it builds, XLA options per length
+(m3jax.engine.compile_plan); "no-native" the same with XLA's attention; "no-blas" XLA's attention and projections;
+a dict, those XLA options and XLA's projections (with Eigen's dots,
 `"xla_cpu_experimental_ynn_fusion_type": ""`, the feed-forward in column blocks, as in Encoder).
 
 Layers scan in m3jax and loop in torch, so per-layer cost is what is compared; a few layers give the ratio of the
@@ -37,8 +38,8 @@ def main() -> None:
                     help=f"comma-separated names ({', '.join(WORKLOADS)}) or shapes ROWSxLENGTH, e.g. 8x1024")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--options", default='{"m3jax": null}',
-                    help='JSON {name: XLA compiler options, null for m3jax\'s default, or "no-blas"}; every variant '
-                         "is timed")
+                    help='JSON {name: XLA compiler options, null for m3jax\'s default, "no-native" or "no-blas"}; '
+                         "every variant is timed")
     args = ap.parse_args()
 
     import jax
@@ -47,7 +48,7 @@ def main() -> None:
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
     from m3jax.config import M3Config
-    from m3jax.engine import compile_plan, use_cpu_blas
+    from m3jax.engine import compile_plan, use_cpu_blas, use_native_attention
     from m3jax.model import init_model
 
     cfg = dataclasses.replace(M3Config.bge_m3(), num_layers=args.layers)
@@ -67,9 +68,12 @@ def main() -> None:
         runs = {}
         platform = jax.default_backend()
         for name, opts in variants.items():
-            cpu_blas = opts is None and use_cpu_blas(platform, "float32")
-            opts, proj = compile_plan(platform, t, cpu_blas, None if opts == "no-blas" else opts)
-            fwd = jax.jit(lambda s, i, m, p=proj: nnx.merge(graphdef, s)(i, m, projections=p).last_hidden_state)
+            ours = opts in (None, "no-native")
+            cpu_blas = ours and use_cpu_blas(platform, "float32")
+            opts, proj, attn = compile_plan(platform, t, cpu_blas, None if opts in ("no-blas", "no-native") else opts,
+                                            opts is None and use_native_attention(platform, "float32"))
+            fwd = jax.jit(lambda s, i, m, p=proj, a=attn: nnx.merge(graphdef, s)(i, m, attn_impl=a, projections=p)
+                          .last_hidden_state)
             runs[name] = fwd.lower(state, ids, mask).compile(compiler_options=opts or None)
         tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)
 

@@ -3,14 +3,13 @@
 On a 2-core AMD Zen 3, OpenBLAS (the build NumPy and SciPy ship, from the `scipy-openblas32` wheel) reaches
 155-185 GFLOP/s on the [T, 1,024] x [1,024, 4,096]-class products of a layer where XLA's YNNPACK dots reach 130-150
 (bias add included, inside jit): 7-15% of a whole forward at 1,024-8,192 tokens. Attention's per-head products stay
-XLA's, which is as fast there.
+XLA's (or m3jax.native's fused kernel).
 
-The handler is a ctypes function that reads XLA's FFI call frame (xla/ffi/api/c_api.h, a C ABI versioned for
-binary compatibility) and calls `cblas_sgemm` on the buffers in place: no copy, no Python per element, the GIL held
-only while the frame is read. OpenBLAS's idle threads spin for about 0.1 s after every call (2^28 cycles), taking a
-core from XLA's next op; m3jax therefore loads its own instance of the library with OPENBLAS_THREAD_TIMEOUT=4 (they
-sleep at once), and does not use an instance something else loaded first. Inference only: the custom call has no
-gradient.
+The handler (m3jax._ffi) is a ctypes function that reads XLA's FFI call frame and calls `cblas_sgemm` on the
+buffers in place: no copy, no Python per element, the GIL held only while the frame is read. OpenBLAS's idle
+threads spin for about 0.1 s after every call (2^28 cycles), taking a core from XLA's next op; m3jax therefore
+loads its own instance of the library with OPENBLAS_THREAD_TIMEOUT=4 (they sleep at once), and does not use an
+instance something else loaded first. Inference only: the custom call has no gradient.
 """
 
 from __future__ import annotations
@@ -27,54 +26,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from m3jax import _ffi
+
 logger = logging.getLogger("m3jax")
 
 TARGET = "m3jax_sgemm"
 DISABLE_ENV = "M3JAX_CPU_BLAS"  # "0": never use it
 _ROW_MAJOR, _NO_TRANS = 101, 111
-_METADATA = 1  # XLA_FFI_Extension_Metadata
-
-
-class _ExtensionBase(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("type", C.c_int), ("next", C.c_void_p)]
-
-
-class _ApiVersion(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("major", C.c_int),
-                ("minor", C.c_int)]
-
-
-class _Metadata(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("api_version", _ApiVersion), ("traits", C.c_uint32),
-                ("state_type_id", C.c_int64)]
-
-
-class _MetadataExtension(C.Structure):
-    _fields_ = [("extension_base", _ExtensionBase), ("metadata", C.POINTER(_Metadata))]
-
-
-class _Buffer(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("dtype", C.c_int),
-                ("data", C.c_void_p), ("rank", C.c_int64), ("dims", C.POINTER(C.c_int64))]
-
-
-class _Values(C.Structure):  # XLA_FFI_Args and XLA_FFI_Rets share this layout
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("size", C.c_int64),
-                ("types", C.c_void_p), ("values", C.POINTER(C.c_void_p))]
-
-
-class _Attrs(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.c_void_p), ("size", C.c_int64),
-                ("types", C.c_void_p), ("names", C.c_void_p), ("attrs", C.c_void_p)]
-
-
-class _CallFrame(C.Structure):
-    _fields_ = [("struct_size", C.c_size_t), ("extension_start", C.POINTER(_ExtensionBase)),
-                ("api", C.c_void_p), ("ctx", C.c_void_p), ("stage", C.c_int), ("args", _Values),
-                ("rets", _Values), ("attrs", _Attrs), ("future", C.c_void_p)]
-
-
-_HANDLER_TYPE = C.CFUNCTYPE(C.c_void_p, C.POINTER(_CallFrame))
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "handler": the live ctypes callback
 
@@ -118,22 +76,14 @@ def _load_sgemm(path: Path):
     return sgemm
 
 
-def _make_handler(sgemm):
-    def handler(frame_ptr):
-        frame = frame_ptr.contents
-        if frame.extension_start and frame.extension_start.contents.type == _METADATA:
-            meta = C.cast(frame.extension_start, C.POINTER(_MetadataExtension)).contents.metadata.contents
-            meta.api_version.major, meta.api_version.minor, meta.traits = 0, 1, 0
-            return None
+def _sgemm_call(sgemm):
+    def run(args, results):
         # Shapes and dtypes were checked when the call was traced (matmul): x [M, K], w [K, N] -> out [M, N].
-        x = C.cast(frame.args.values[0], C.POINTER(_Buffer)).contents
-        w = C.cast(frame.args.values[1], C.POINTER(_Buffer)).contents
-        out = C.cast(frame.rets.values[0], C.POINTER(_Buffer)).contents
+        (x, w), (out,) = args, results
         m, k, n = x.dims[0], x.dims[1], w.dims[1]
         sgemm(_ROW_MAJOR, _NO_TRANS, _NO_TRANS, m, n, k, 1.0, x.data, k, w.data, n, 0.0, out.data, n)
-        return None
 
-    return _HANDLER_TYPE(handler)
+    return run
 
 
 def available() -> bool:
@@ -164,12 +114,9 @@ def _setup() -> tuple[bool, str | None]:
         return False, (f"{path.name} was loaded before m3jax could set its thread timeout (its idle threads would "
                        "spin against XLA's)")
     try:
-        handler = _make_handler(_load_sgemm(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(C.cast(handler, C.c_void_p).value), platform="cpu",
-                                    api_version=1)
+        _state["handler"] = _ffi.register(TARGET, _sgemm_call(_load_sgemm(path)))  # kept alive: XLA holds a pointer
     except (OSError, AttributeError) as e:
         return False, f"cannot load {path}: {e}"
-    _state["handler"] = handler  # XLA holds the bare pointer: keep the callback alive
     return True, None
 
 

@@ -211,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--attn", default="auto", choices=["auto", "xla", "chunked", "heads", "cudnn", "splash"])
+    b.add_argument("--attn", default="auto", choices=["auto", "xla", "chunked", "heads", "native", "cudnn", "splash"])
     b.add_argument("--repeat", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--peak-flops", type=float, default=None, help="stated peak FLOP/s for the fraction")

@@ -15,14 +15,14 @@ import os
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3jax import blas
+from m3jax import blas, native
 from m3jax import encode as pipeline
 from m3jax._io import cache_root
 from m3jax.checkpoint import load_pretrained
@@ -49,6 +49,12 @@ def use_cpu_blas(platform: str, dtype: Any, num_devices: int = 1) -> bool:
     return platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and blas.available()
 
 
+def use_native_attention(platform: str, dtype: Any, num_devices: int = 1) -> bool:
+    """Whether an encoder on `platform` runs attention through m3jax.native's fused kernel (attention impl
+    "native"): float32 inference on one CPU device, with a C compiler to build it and M3JAX_NATIVE not "0"."""
+    return platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and native.available()
+
+
 def default_compiler_options(platform: str, length: int, cpu_blas: bool = False) -> dict[str, Any]:
     """The XLA options an executable for padded `length` gets when the user passes none: on CPU Eigen's dots up to
     CPU_EIGEN_MAX_LENGTH (CPU_BLAS_EIGEN_MAX_LENGTH with cpu_blas), XLA's defaults otherwise."""
@@ -65,13 +71,19 @@ def projections(platform: str, options: dict[str, Any], cpu_blas: bool = False) 
     return "split" if eigen else "xla"
 
 
-def compile_plan(platform: str, length: int, cpu_blas: bool = False, options: dict[str, Any] | None = None
-                 ) -> tuple[dict[str, Any], str]:
-    """(XLA compiler options, BGEM3Model's `projections`) for an executable of padded `length`, as Encoder compiles
-    it: `options` as given, or default_compiler_options when None; projections to match (see `projections`)."""
+class CompilePlan(NamedTuple):
+    options: dict[str, Any]  # XLA compiler options
+    projections: str  # BGEM3Model's projections
+    attn_impl: str  # BGEM3Model's attn_impl where the user chose "auto"
+
+
+def compile_plan(platform: str, length: int, cpu_blas: bool = False, options: dict[str, Any] | None = None,
+                 native_attention: bool = False) -> CompilePlan:
+    """How Encoder compiles an executable of padded `length`: `options` as given, or default_compiler_options when
+    None; projections to match (see `projections`); attention "native" with native_attention, else "auto"."""
     if options is None:
         options = default_compiler_options(platform, length, cpu_blas)
-    return options, projections(platform, options, cpu_blas)
+    return CompilePlan(options, projections(platform, options, cpu_blas), "native" if native_attention else "auto")
 
 
 def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
@@ -123,7 +135,8 @@ class Encoder:
       config, params, tokenizer_dir: what m3jax.checkpoint.load_params returns.
       dtype: "float32" or "bfloat16" compute (parameters cast at load).
       devices: see resolve_devices; rows of a batch are split over them.
-      attn_impl: see m3jax.attention.
+      attn_impl: see m3jax.attention; "auto" is "native" (m3jax.native's kernel) for float32 on one CPU device
+        where it builds (use_native_attention).
       length_buckets: padded lengths (default m3jax.encode.default_length_buckets(platform): finer past 2,048
         tokens on CPU); the largest must hold the model's longest input.
       max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)).
@@ -159,6 +172,8 @@ class Encoder:
         self.compiler_options = None if compiler_options is None else dict(compiler_options)
         # float32 on one CPU device: the projections through OpenBLAS (m3jax.blas), 1.1-1.2x the forward here.
         self.cpu_blas = use_cpu_blas(self.devices[0].platform, self.dtype, len(self.devices))
+        # ... and attention through m3jax.native's fused kernel, 1.4x XLA's at 8,064 tokens.
+        self.native_attention = use_native_attention(self.devices[0].platform, self.dtype, len(self.devices))
         self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
         if len(self.devices) > 1:
             mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
@@ -304,7 +319,10 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            options, proj = compile_plan(self.devices[0].platform, length, self.cpu_blas, self.compiler_options)
+            options, proj, attn = compile_plan(self.devices[0].platform, length, self.cpu_blas, self.compiler_options,
+                                               self.native_attention)
+            if self.attn_impl == "auto":
+                static["attn_impl"] = attn
             lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static, projections=proj)
             exe = _compile(lowered, options, defaults=self.compiler_options is None)
             self.compile_seconds[key] = time.perf_counter() - t0

@@ -25,7 +25,7 @@ import torch
 from flax import nnx
 
 from m3jax.checkpoint import load_params
-from m3jax.engine import compile_plan, use_cpu_blas
+from m3jax.engine import compile_plan, use_cpu_blas, use_native_attention
 from m3jax.model import forward, model_from_params
 
 ABS_TOL = 1e-5
@@ -70,14 +70,17 @@ def flag_outputs_float64(fe, batch) -> dict[str, np.ndarray]:
 
 def m3jax_outputs(path, batch, dtype="float32", attn_impl="auto"):
     """m3jax's forward compiled as m3jax.Encoder compiles a bucket of this length: on CPU in float32 the projections
-    through OpenBLAS (m3jax.blas) where scipy-openblas32 is installed, attention's products under Eigen's dots up
-    to 512 tokens; without OpenBLAS, Eigen's dots up to 1,024 tokens (as close to float64 as PyTorch's; XLA's
-    default YNNPACK dots measured 2-3x further off) with the feed-forward in column blocks."""
+    through OpenBLAS (m3jax.blas) where scipy-openblas32 is installed and attention through m3jax.native's kernel
+    where it builds (for attn_impl "auto"), XLA's other dots Eigen's up to 512 tokens; without OpenBLAS, Eigen's
+    dots up to 1,024 tokens (as close to float64 as PyTorch's; XLA's default YNNPACK dots measured 2-3x further
+    off) with the feed-forward in column blocks."""
     cfg, params, _ = load_params(path)
     graphdef, state = nnx.split(model_from_params(cfg, params, dtype=dtype))
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     platform = jax.default_backend()
-    options, proj = compile_plan(platform, ids.shape[1], use_cpu_blas(platform, dtype))
+    options, proj, attn = compile_plan(platform, ids.shape[1], use_cpu_blas(platform, dtype), None,
+                                       use_native_attention(platform, dtype))
+    attn_impl = attn if attn_impl == "auto" else attn_impl
     lowered = forward.lower(graphdef, state, ids, mask, attn_impl=attn_impl, projections=proj)
     out = lowered.compile(options or None)(state, ids, mask)
     return cfg, {k: np.asarray(v) for k, v in out._asdict().items()}

@@ -153,7 +153,7 @@ def test_split_feed_forward_is_the_same_sums(release_dirs):
     assert projections("gpu", default_compiler_options("gpu", 512)) == "xla"
     assert projections("cpu", default_compiler_options("cpu", 512, cpu_blas=True), cpu_blas=True) == "blas"
     # compile_plan, what Encoder, tests/parity.py and the benchmark compile with: m3jax's options or the user's.
-    assert compile_plan("cpu", 512) == (CPU_EIGEN_DOTS, "split")
-    assert compile_plan("cpu", 4096, cpu_blas=True) == ({}, "blas")
-    assert compile_plan("cpu", 4096, options=CPU_EIGEN_DOTS) == (CPU_EIGEN_DOTS, "split")  # the user's, kept
-    assert compile_plan("gpu", 512, options={}) == ({}, "xla")
+    assert compile_plan("cpu", 512) == (CPU_EIGEN_DOTS, "split", "auto")
+    assert compile_plan("cpu", 4096, cpu_blas=True, native_attention=True) == ({}, "blas", "native")
+    assert compile_plan("cpu", 4096, options=CPU_EIGEN_DOTS) == (CPU_EIGEN_DOTS, "split", "auto")  # the user's
+    assert compile_plan("gpu", 512, options={}) == ({}, "xla", "auto")
