@@ -1,12 +1,12 @@
 """Fused attention for CPU inference: a C kernel (m3jax/csrc/flash_attention.c) compiled on first use with the
 machine's C compiler, cached under $M3JAX_HOME/kernels, and called from XLA as an FFI custom call.
 
-Flash attention's recurrence with every tile of scores kept in the core's L2 through max, exp, sum and both
-products; one worker thread per core, each on its own (row, head, query block). Every XLA-level arrangement puts
-each block of scores through memory two or three times; that traffic is what it saves. On a 2-core AMD Zen 3
-(`python benchmarks/attention_cpu.py`, one run, medians of 3 alternated): 16 x 512 tokens 0.18 s against 0.48 s
-for XLA's "heads" and 0.26 s for PyTorch's fused SDPA; 1 x 8,064 tokens with sharp logits 3.15 s against 3.55 s
-and 2.65 s, and with mild ones level with "heads" (3.31 s), behind SDPA (2.84 s).
+Flash attention's recurrence with every tile of scores kept in the core's L2 (in registers where each row's shift is
+fixed) through exp, sum and both products; one worker thread per core, each on its own (row, head, query block).
+Every XLA-level arrangement puts each block of scores through memory two or three times; that traffic is what it
+saves. On a 2-core AMD Zen 3 (`python benchmarks/attention_cpu.py --repeats 5`, medians of alternated runs), against
+XLA's "heads" and PyTorch's fused SDPA: 1 x 8,064 tokens 2.68 s vs 3.40 and 2.76 (mild logits) and 2.66 s vs 5.04
+and 3.00 (sharp ones); 16 x 512 tokens 0.18 s vs 0.39 and 0.22.
 
 Compiled with `-O3 -march=native` for the machine it runs on (the cache key includes the CPU's model and feature
 flags, so a shared $M3JAX_HOME never hands one machine another's build). Where no C compiler is found (`$CC`, `cc`,
@@ -40,7 +40,9 @@ logger = logging.getLogger("m3jax")
 TARGET = "m3jax_flash_attention"
 DISABLE_ENV = "M3JAX_NATIVE"  # "0": never build or use the kernel
 SOURCE = Path(__file__).with_name("csrc") / "flash_attention.c"
-FLAGS = ("-O3", "-march=native", "-std=c11", "-shared", "-fPIC", "-pthread")
+# -ffp-contract=fast: a * b + c as one fused multiply-add (ISO C modes otherwise keep them apart: twice the
+# instructions, 1.35x the kernel's time on an AMD Zen 3, one rounding more).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC", "-pthread")
 ALIGN = 16  # floats of slack for the kernel to align each workspace (flash_attention.c's ALIGN)
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool, "reason": str, "lib": the loaded library, "handler": the live ctypes callback

@@ -55,6 +55,20 @@ def test_matches_float64_as_closely_as_xla(b, t, n, h, lengths, scale):
     assert_as_close_to_float64_as_xla(out, attention(q, k, v, mask, impl="xla"), truth(q, k, v, mask), mask)
 
 
+def test_a_late_key_far_above_the_first_tiles_maxima():
+    """Each row's shift is fixed at its maximum over the first 512 keys; a later key scoring ~150 above it (past
+    what exp may take unshifted) sends its tile back through the general pass, which raises the shift and rescales
+    what was summed. The output is then ~ that key's value, as in float64."""
+    q, k, v, mask = inputs(1, 1100, 2, 16, [1100], scale=0.3)
+    u = jnp.ones(16) / 4.0  # a unit vector
+    q = u + q / 6  # every query ~u: scores ~0.1 with the random keys
+    k = k.at[0, 900].set(600.0 * u)  # ... and 150 +- 10 with key 900 (the 1/sqrt(16) scale included)
+    out = attention(q, k, v, mask, impl="native")
+    assert_as_close_to_float64_as_xla(out, attention(q, k, v, mask, impl="xla"), truth(q, k, v, mask), mask)
+    np.testing.assert_allclose(np.asarray(out[0, :, 0]), np.broadcast_to(np.asarray(v[0, 900, 0]), (1100, 16)),
+                               atol=1e-4)
+
+
 def test_masked_keys_inside_the_sequence():
     """A mask with holes (not only right padding): the masked keys get no weight, wherever they are."""
     q, k, v, _ = inputs(2, 600, 2, 16, [600, 600])

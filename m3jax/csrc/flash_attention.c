@@ -1,9 +1,10 @@
 // Fused attention for CPU inference in float32 (m3jax.native compiles this file on first use and calls it from an
 // XLA custom call; see m3jax/native.py).
 //
-// Flash attention's recurrence, one (batch row, head, block of QB queries) per work item: scores of a QB x KB tile
-// of keys are computed into a buffer that stays in the core's L2, shifted by the running row max, exponentiated and
-// summed there, and multiplied into a QB x H accumulator, so the [T, T] scores never travel through memory. Both
+// Flash attention's recurrence, one (batch row, head, block of QB queries) per work item: the probabilities of a
+// QB x KB tile of keys go into a buffer that stays in the core's L2 (exponentiated and summed straight from the
+// micro-kernel's registers once each row's shift is fixed; see attend_block) and are multiplied into a QB x H
+// accumulator, so the [T, T] scores never travel through memory. Both
 // products run in register-blocked MR x NR micro-kernels written with GCC/Clang vector extensions (AVX2/FMA or NEON
 // with -march=native); keys and values are packed once per head into NR-wide panels, zero-padded to whole panels.
 // Keys past the last real one of a row are skipped; other masked keys get the -1e30 bias the XLA paths use.
@@ -28,7 +29,6 @@ typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline v8 splat(float x) { return (v8){x, x, x, x, x, x, x, x}; }
 static inline v8 vmax(v8 a, v8 b) { v8i m = a > b; return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
-static inline v8 vmin(v8 a, v8 b) { v8i m = a < b; return (v8)((m & (v8i)a) | (~m & (v8i)b)); }
 static inline float hmax(v8 x) { float m = x[0]; for (int i = 1; i < 8; i++) m = x[i] > m ? x[i] : m; return m; }
 static inline float hsum(v8 x) { float s = 0.f; for (int i = 0; i < 8; i++) s += x[i]; return s; }
 static inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -93,13 +93,14 @@ static inline void qk_micro(const float *q, int64_t hp, const float *kp, float s
   }
 }
 
-// Where a block's scores are bounded well inside float32's exp range (see attend_block), exp is taken of them as
-// they are, without subtracting row maxima (m3jax.attention's "heads" does the same): p[MR, NR] = exp(s),
-// zero past the panel's `valid` keys, written in place of the scores, and its row sums added to sum[r] lane-wise.
-static inline void qk_exp_micro(const float *q, int64_t hp, const float *kp, float scale, float *s, v8 *sum,
-                                int valid) {
+// The fused tile: p[MR, NR] = exp(s - m[r]) with each row's shift m[r] fixed in advance, zero past the panel's
+// `valid` keys, written in place of the scores, its row sums added to sum[r] lane-wise. Lanes of `over` are set
+// where a score exceeds its row's shift by more than `room` (exp could overflow the sums: the tile is redone).
+static inline void qk_exp_micro(const float *q, int64_t hp, const float *kp, float scale, float *s, const float *m,
+                                float room, v8 *sum, v8i *over, int valid) {
   v8 acc[MR][2];
   qk_product(q, hp, kp, scale, acc);
+  for (int r = 0; r < MR; r++) *over |= (acc[r][0] > splat(m[r] + room)) | (acc[r][1] > splat(m[r] + room));
   v8i keep0 = splat(-1.f) == splat(-1.f), keep1 = keep0;
   if (valid < NR) {
     const v8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
@@ -107,7 +108,8 @@ static inline void qk_exp_micro(const float *q, int64_t hp, const float *kp, flo
     keep1 = lane + splat(8.f) < splat((float)valid);
   }
   for (int r = 0; r < MR; r++) {
-    v8 p0 = (v8)(keep0 & (v8i)vexp(acc[r][0])), p1 = (v8)(keep1 & (v8i)vexp(acc[r][1]));
+    v8 p0 = (v8)(keep0 & (v8i)vexp_or_0(acc[r][0] - splat(m[r])));
+    v8 p1 = (v8)(keep1 & (v8i)vexp_or_0(acc[r][1] - splat(m[r])));
     *(v8 *)(s + r * KB) = p0;
     *(v8 *)(s + r * KB + 8) = p1;
     sum[r] += p0 + p1;
@@ -191,52 +193,65 @@ static void attend_block(const Job *j, int64_t item, float *scratch) {
     l[i] = 0.f;
   }
   memset(o, 0, sizeof(float) * rp * hp);
-  // Every score is at most |q| |k| by Cauchy-Schwarz: with that plus log T + log(1 + max |v|) at most EXP_SAFE_LOG,
-  // no exp, row sum or value product can overflow and no row's sum underflows, so the shift can go (and with it
-  // a pass over each tile); padding-only rows and masked keys before the last real one take the general path.
-  if (!holes && qn * bound[0] + bound[1] <= EXP_SAFE_LOG) {
-    for (int64_t i = 0; i < rp; i++) mx[i] = splat(0.f);
-    for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-      const int64_t nk = kend - j0 < KB ? kend - j0 : KB, nkp = round_up(nk, NR);
+  // Each tile is fused (scores, exp and row sums in one pass, the scores never stored) once every row's shift
+  // m[i] is fixed, as long as no score passes its shift by more than `room`: no exp, row sum or value product can
+  // then overflow (scores <= m + room, at most T of them, times max |v|). The first tile fixes the shifts at its
+  // row maxima; where the Cauchy-Schwarz bound |q| |k| already keeps every score within `room` of 0, the shifts
+  // are 0 from the start and no tile needs a separate pass. A tile that breaks the bound, and every tile of a row
+  // with masked keys before its last real one (the bias must go in first), takes the general pass: scores stored
+  // with their maxima, shifts raised to the new maxima (rescaling what was summed), exp, sums.
+  const float room = EXP_SAFE_LOG - bound[1];
+  int fixed = !holes && qn * bound[0] <= room;
+  if (fixed)
+    for (int64_t i = 0; i < rp; i++) m[i] = 0.f;
+  for (int64_t j0 = 0; j0 < kend; j0 += KB) {
+    const int64_t nk = kend - j0 < KB ? kend - j0 : KB, nkp = round_up(nk, NR);
+    int fused = fixed;
+    if (fused) {
+      v8i over = {0};
+      for (int64_t i = 0; i < rp; i++) mx[i] = splat(0.f);
       for (int64_t jp = 0; jp < nkp; jp += NR)
         for (int64_t i = 0; i < rp; i += MR)
-          qk_exp_micro(qs + i * hp, hp, kt + (j0 + jp) * hp, j->scale, s + i * KB + jp, mx + i,
+          qk_exp_micro(qs + i * hp, hp, kt + (j0 + jp) * hp, j->scale, s + i * KB + jp, m + i, room, mx + i, &over,
                        nk - jp < NR ? (int)(nk - jp) : NR);
-      for (int64_t c = 0; c < hp; c += NR)
-        for (int64_t i = 0; i < rp; i += MR) pv_micro(s + i * KB, vp + ((c / NR) * tp + j0) * NR, nkp, o + i * hp + c, hp);
+      for (int c = 0; c < 8; c++) fused &= !over[c];
+      if (fused)
+        for (int64_t i = 0; i < rp; i++) l[i] += hsum(mx[i]);
     }
-    for (int64_t i = 0; i < rp; i++) l[i] = hsum(mx[i]);
-  } else for (int64_t j0 = 0; j0 < kend; j0 += KB) {
-    const int64_t nk = kend - j0 < KB ? kend - j0 : KB, nkp = round_up(nk, NR);
-    for (int64_t i = 0; i < rp; i++) mx[i] = splat(-INFINITY);
-    for (int64_t jp = 0; jp < nkp; jp += NR)
-      for (int64_t i = 0; i < rp; i += MR) qk_micro(qs + i * hp, hp, kt + (j0 + jp) * hp, j->scale, s + i * KB + jp, mx + i);
-    for (int64_t i = 0; i < rp; i++) {
-      float *si = s + i * KB, mi = m[i];
-      if (holes || nkp != nk) {  // the micro-kernel's max saw neither the bias nor the panel's zero padding
-        if (holes)
-          for (int64_t c = 0; c < nk; c++) si[c] += bias[j0 + c];
-        for (int64_t c = nk; c < nkp; c++) si[c] = -INFINITY;
-        v8 mv = splat(mi);
-        for (int64_t c = 0; c < nkp; c += 8) mv = vmax(mv, *(v8 *)(si + c));
-        mi = hmax(mv);
-      } else {
-        mi = fmaxf(mi, hmax(mx[i]));
+    if (!fused) {
+      for (int64_t i = 0; i < rp; i++) mx[i] = splat(-INFINITY);
+      for (int64_t jp = 0; jp < nkp; jp += NR)
+        for (int64_t i = 0; i < rp; i += MR)
+          qk_micro(qs + i * hp, hp, kt + (j0 + jp) * hp, j->scale, s + i * KB + jp, mx + i);
+      for (int64_t i = 0; i < rp; i++) {
+        float *si = s + i * KB, mi = m[i];
+        if (holes || nkp != nk) {  // the micro-kernel's max saw neither the bias nor the panel's zero padding
+          if (holes)
+            for (int64_t c = 0; c < nk; c++) si[c] += bias[j0 + c];
+          for (int64_t c = nk; c < nkp; c++) si[c] = -INFINITY;
+          v8 mv = splat(mi);
+          for (int64_t c = 0; c < nkp; c += 8) mv = vmax(mv, *(v8 *)(si + c));
+          mi = hmax(mv);
+        } else {
+          mi = fmaxf(mi, hmax(mx[i]));
+        }
+        const float corr = expf(m[i] - mi);  // 0 on the first tile (m = -inf)
+        v8 sum = splat(0.f);
+        for (int64_t c = 0; c < nkp; c += 8) {
+          v8 e = vexp_or_0(*(v8 *)(si + c) - splat(mi));
+          *(v8 *)(si + c) = e;
+          sum += e;
+        }
+        m[i] = mi;
+        l[i] = l[i] * corr + hsum(sum);
+        if (corr != 1.f)
+          for (int64_t d = 0; d < hp; d++) o[i * hp + d] *= corr;
       }
-      const float corr = expf(m[i] - mi);  // 0 on the first tile (m = -inf)
-      v8 sum = splat(0.f);
-      for (int64_t c = 0; c < nkp; c += 8) {
-        v8 e = vexp_or_0(*(v8 *)(si + c) - splat(mi));
-        *(v8 *)(si + c) = e;
-        sum += e;
-      }
-      m[i] = mi;
-      l[i] = l[i] * corr + hsum(sum);
-      if (corr != 1.f)
-        for (int64_t d = 0; d < hp; d++) o[i * hp + d] *= corr;
+      fixed = !holes;
     }
     for (int64_t c = 0; c < hp; c += NR)
-      for (int64_t i = 0; i < rp; i += MR) pv_micro(s + i * KB, vp + ((c / NR) * tp + j0) * NR, nkp, o + i * hp + c, hp);
+      for (int64_t i = 0; i < rp; i += MR)
+        pv_micro(s + i * KB, vp + ((c / NR) * tp + j0) * NR, nkp, o + i * hp + c, hp);
   }
   for (int64_t i = 0; i < rows; i++) {
     float *dst = j->out + (b * j->t + r0 + i) * ld + n * j->h;
