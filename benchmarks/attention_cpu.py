@@ -13,7 +13,6 @@ its shifted softmax. Figures: median seconds (min-max over --repeats) and GFLOP/
 from __future__ import annotations
 
 import argparse
-import time
 
 import numpy as np
 
@@ -31,6 +30,7 @@ def main() -> None:
 
     from m3jax import native
     from m3jax.attention import attention
+    from m3jax.bench import alternated, print_alternated
 
     impls = ["native", "heads"] if native.available() else ["heads"]
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads); native kernel: "
@@ -56,22 +56,8 @@ def main() -> None:
                     torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=tmask)
 
             calls["torch"] = sdpa
-            for f in calls.values():
-                f()
-            times: dict[str, list[float]] = {name: [] for name in calls}
-            for _ in range(args.repeats):
-                for name, f in calls.items():
-                    t0 = time.perf_counter()
-                    f()
-                    times[name].append(time.perf_counter() - t0)
-            flops = 4 * b * t * t * n * h
-            ref = float(np.median(times["torch"]))
-            print(f"\n{b} x {t} tokens, scale {scale:g}: median (min-max) of {args.repeats} alternated runs")
-            for name, ts in times.items():
-                m = float(np.median(ts))
-                print(f"  {name:<8} {m:8.3f}s ({min(ts):.3f}-{max(ts):.3f})  {flops / m / 1e9:6.1f} GFLOP/s  "
-                      f"torch/this {ref / m:.2f}")
-
+            print_alternated(f"{b} x {t} tokens, scale {scale:g}", alternated(calls, args.repeats),
+                             4 * b * t * t * n * h)
 
 if __name__ == "__main__":
     main()

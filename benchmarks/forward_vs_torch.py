@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import time
 
 import numpy as np
 
@@ -47,6 +46,7 @@ def main() -> None:
     from flax import nnx
     from transformers import XLMRobertaConfig, XLMRobertaModel
 
+    from m3jax.bench import alternated, print_alternated
     from m3jax.config import M3Config
     from m3jax.engine import compile_plan, use_cpu_blas, use_native_attention
     from m3jax.model import init_model
@@ -83,22 +83,8 @@ def main() -> None:
 
         calls = {name: (lambda c=c, i=ids, m=mask: c(state, i, m).block_until_ready()) for name, c in runs.items()}
         calls["torch"] = torch_forward
-        for f in calls.values():  # warm-up
-            f()
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        for _ in range(args.repeats):
-            for name, f in calls.items():
-                t0 = time.perf_counter()
-                f()
-                times[name].append(time.perf_counter() - t0)
         flops = args.layers * (2 * b * t * 12 * cfg.hidden_size ** 2 + 4 * b * t * t * cfg.hidden_size)
-        ref = float(np.median(times["torch"]))
-        print(f"\n{w}: {b} x {t} tokens, median (min-max) of {args.repeats} alternated runs")
-        for name, ts in times.items():
-            m = float(np.median(ts))
-            print(f"  {name:<10} {m:8.3f}s ({min(ts):.3f}-{max(ts):.3f})  {flops / m / 1e9:6.1f} GFLOP/s  "
-                  f"torch/this {ref / m:.2f}")
-
+        print_alternated(f"{w}: {b} x {t} tokens", alternated(calls, args.repeats), flops)
 
 if __name__ == "__main__":
     main()

@@ -6,9 +6,13 @@ the ctypes calls it makes into C release it."""
 from __future__ import annotations
 
 import ctypes as C
+import logging
+import threading
 from collections.abc import Callable
 
 import jax
+
+logger = logging.getLogger("m3jax")
 
 _METADATA = 1  # XLA_FFI_Extension_Metadata
 
@@ -81,3 +85,24 @@ def register(target: str, run: Callable[[list[Buffer], list[Buffer]], None]):
     jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(C.cast(callback, C.c_void_p).value), platform="cpu",
                                 api_version=1)
     return callback
+
+
+class Once:
+    """A custom call's set-up, run on the first available() (thread-safe): setup() -> (ok, reason why not). A
+    failure is logged once as "`fallback`: reason"."""
+
+    def __init__(self, setup: Callable[[], tuple[bool, str | None]], fallback: str):
+        self._setup, self._fallback, self._lock = setup, fallback, threading.Lock()
+        self._result: tuple[bool, str | None] | None = None
+
+    def available(self) -> bool:
+        with self._lock:
+            if self._result is None:
+                self._result = self._setup()
+                if not self._result[0]:
+                    logger.info("%s: %s", self._fallback, self._result[1])
+        return self._result[0]
+
+    def reason(self) -> str | None:
+        self.available()
+        return self._result[1]

@@ -12,8 +12,9 @@ meaningless; callers never read them.
              tokens, 512-row query blocks against all keys) computed while it sits in cache, normalised after
              the value product. 2-3x faster than "xla" and "chunked" on CPU (a 2-core x86 at 128-2,048 tokens).
 - "native":  m3jax.native's fused C kernel (CPU, float32; built on first use): flash attention with each tile of
-             scores kept in L2, 1.4x "heads" at 8,064 tokens. Its gradient is "heads"'s. m3jax.Encoder picks it for
-             float32 inference on one CPU device; "auto" does not (a custom call does not split across devices).
+             scores kept in L2; 1.3-1.9x "heads" at 1 x 8,064 tokens, 2.2x at 16 x 512 (2-core x86). Its gradient
+             is "heads"'s. m3jax.Encoder picks it for float32 inference on one CPU device; "auto" does not (a
+             custom call does not split across devices).
 - "cudnn":   jax.nn.dot_product_attention with sequence lengths (fused flash attention on NVIDIA GPUs, bf16/fp16).
 - "splash":  Pallas splash attention for TPU (runs in interpret mode elsewhere, for testing).
 """

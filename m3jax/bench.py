@@ -10,6 +10,7 @@ import json
 import random
 import resource
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -83,6 +84,30 @@ def peak_rss_gb() -> float:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+
+
+def alternated(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, list[float]]:
+    """Seconds of each call per round, after one warm-up call each; every round runs every call in turn, so a shared
+    machine's drift falls on all of them alike."""
+    for f in calls.values():
+        f()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, f in calls.items():
+            t0 = time.perf_counter()
+            f()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def print_alternated(title: str, times: dict[str, list[float]], flops: float, ref: str = "torch") -> None:
+    """Median (min-max) seconds per call, GFLOP/s, and `ref`'s median over each (above 1: faster than ref)."""
+    print(f"\n{title}: median (min-max) of {len(next(iter(times.values())))} alternated runs")
+    base = float(np.median(times[ref]))
+    for name, ts in times.items():
+        m = float(np.median(ts))
+        print(f"  {name:<10} {m:8.3f}s ({min(ts):.3f}-{max(ts):.3f})  {flops / m / 1e9:6.1f} GFLOP/s  "
+              f"{ref}/this {base / m:.2f}")
 
 
 def run(args) -> dict:

@@ -16,11 +16,9 @@ from __future__ import annotations
 
 import ctypes as C
 import importlib.util
-import logging
 import math
 import os
 import sys
-import threading
 from pathlib import Path
 
 import jax
@@ -28,13 +26,10 @@ import jax.numpy as jnp
 
 from m3jax import _ffi
 
-logger = logging.getLogger("m3jax")
-
 TARGET = "m3jax_sgemm"
 DISABLE_ENV = "M3JAX_CPU_BLAS"  # "0": never use it
 _ROW_MAJOR, _NO_TRANS = 101, 111
-_lock = threading.Lock()
-_state: dict = {}  # "ok": bool, "reason": str, "handler": the live ctypes callback
+_state: dict = {}  # "handler": the live ctypes callback
 
 
 def _library_dir() -> Path | None:
@@ -88,17 +83,11 @@ def _sgemm_call(sgemm):
 
 def available() -> bool:
     """Whether the OpenBLAS custom call is ready on CPU (loading and registering it on the first call)."""
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"], _state["reason"] = _setup()
-            if not _state["ok"]:
-                logger.info("CPU projections stay with XLA's dots: %s", _state["reason"])
-        return _state["ok"]
+    return _once.available()
 
 
 def unavailable_reason() -> str | None:
-    available()
-    return _state.get("reason")
+    return _once.reason()
 
 
 def _setup() -> tuple[bool, str | None]:
@@ -118,6 +107,9 @@ def _setup() -> tuple[bool, str | None]:
     except (OSError, AttributeError) as e:
         return False, f"cannot load {path}: {e}"
     return True, None
+
+
+_once = _ffi.Once(_setup, "CPU projections stay with XLA's dots")
 
 
 def matmul(x: jax.Array, w: jax.Array) -> jax.Array:

@@ -172,7 +172,7 @@ class Encoder:
         self.compiler_options = None if compiler_options is None else dict(compiler_options)
         # float32 on one CPU device: the projections through OpenBLAS (m3jax.blas), 1.1-1.2x the forward here.
         self.cpu_blas = use_cpu_blas(self.devices[0].platform, self.dtype, len(self.devices))
-        # ... and attention through m3jax.native's fused kernel, 1.4x XLA's at 8,064 tokens.
+        # ... and attention through m3jax.native's fused kernel (a 2-layer forward 1.23x faster at 1 x 8,064 tokens).
         self.native_attention = use_native_attention(self.devices[0].platform, self.dtype, len(self.devices))
         self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
         if len(self.devices) > 1:

@@ -26,7 +26,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 from pathlib import Path
 
 import jax
@@ -44,8 +43,7 @@ SOURCE = Path(__file__).with_name("csrc") / "flash_attention.c"
 # instructions, 1.35x the kernel's time on an AMD Zen 3, one rounding more).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c11", "-shared", "-fPIC", "-pthread")
 ALIGN = 16  # floats of slack for the kernel to align each workspace (flash_attention.c's ALIGN)
-_lock = threading.Lock()
-_state: dict = {}  # "ok": bool, "reason": str, "lib": the loaded library, "handler": the live ctypes callback
+_state: dict = {}  # "lib": the loaded library, "handler": the live ctypes callback
 
 
 def compiler() -> str | None:
@@ -119,17 +117,11 @@ def _kernel_call(lib: C.CDLL):
 
 def available() -> bool:
     """Whether the kernel is built, loaded and registered with XLA (doing so on the first call)."""
-    with _lock:
-        if "ok" not in _state:
-            _state["ok"], _state["reason"] = _setup()
-            if not _state["ok"]:
-                logger.info("CPU attention stays with XLA's ops: %s", _state["reason"])
-        return _state["ok"]
+    return _once.available()
 
 
 def unavailable_reason() -> str | None:
-    available()
-    return _state.get("reason")
+    return _once.reason()
 
 
 def _setup() -> tuple[bool, str | None]:
@@ -149,6 +141,9 @@ def _setup() -> tuple[bool, str | None]:
         return False, f"cannot build or load the attention kernel: {e}"
     _state["lib"] = lib
     return True, None
+
+
+_once = _ffi.Once(_setup, "CPU attention stays with XLA's ops")
 
 
 def workers() -> int:

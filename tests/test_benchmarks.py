@@ -85,10 +85,19 @@ def test_train_benchmark_runs_both_engines_on_the_same_batches(tmp_path):
 
 
 def test_forward_vs_torch_runs_every_variant(tmp_path):
-    opts = '{"default": {}, "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}'
+    opts = '{"m3jax": null, "default": {}, "ynn": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}}'
     r = run(["benchmarks/forward_vs_torch.py", "--layers", "1", "--workloads", "check", "--repeats", "1",
              "--options", opts], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  ")]
-    assert [x[0] for x in rows] == ["default", "ynn", "torch"]
+    assert [x[0] for x in rows] == ["m3jax", "default", "ynn", "torch"]
+    assert all(float(x[1].rstrip("s")) > 0 for x in rows)
+
+
+def test_attention_benchmark_times_every_path(tmp_path):
+    r = run(["benchmarks/attention_cpu.py", "--workloads", "2x40", "--scales", "1,3", "--repeats", "1"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "native kernel: built" in r.stdout
+    rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  ")]
+    assert [x[0] for x in rows] == ["native", "heads", "torch"] * 2
     assert all(float(x[1].rstrip("s")) > 0 for x in rows)
