@@ -34,6 +34,8 @@ from pathlib import Path
 
 import numpy as np
 
+from m3jax.bench import alternated
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
@@ -65,19 +67,6 @@ def write_models(workdir: Path, quick: bool) -> Path:
     cfg = M3Config.tiny() if quick else M3Config.tiny(hidden_size=128, num_layers=4, num_heads=4,
                                                      intermediate_size=512, colbert_dim=128)
     return write_random_release(workdir / "release", cfg, seed=0)
-
-
-def timing(engines: dict, repeat: int) -> dict:
-    """Warm-up, then `repeat` rounds of every engine in turn: {name: [seconds, ...]}."""
-    for f in engines.values():
-        f()
-    times: dict[str, list[float]] = {k: [] for k in engines}
-    for _ in range(repeat):
-        for name, f in engines.items():
-            t = time.perf_counter()
-            f()
-            times[name].append(time.perf_counter() - t)
-    return times
 
 
 def speed(workdir: Path, release: Path, texts: list[str], repeat: int, only: list[str] | None = None) -> dict:
@@ -117,7 +106,7 @@ def speed(workdir: Path, release: Path, texts: list[str], repeat: int, only: lis
         "forward": run_forward,
     }
     assert set(engines) == set(ENGINES)
-    times = timing({k: f for k, f in engines.items() if not only or k in only}, repeat)
+    times = alternated({k: f for k, f in engines.items() if not only or k in only}, repeat)
     # The outputs agree (random weights: the check is that all engines computed the same thing).
     if not out_dir.exists():
         run_embed()
