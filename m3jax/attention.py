@@ -16,7 +16,13 @@ meaningless; callers never read them.
              is "heads"'s. m3jax.Encoder picks it for float32 inference on one CPU device; "auto" does not (a
              custom call does not split across devices).
 - "cudnn":   jax.nn.dot_product_attention with sequence lengths (fused flash attention on NVIDIA GPUs, bf16/fp16).
-- "splash":  Pallas splash attention for TPU (runs in interpret mode elsewhere, for testing).
+- "splash":  Pallas splash attention for TPU (runs in interpret mode elsewhere, for testing); lengths that are a
+             multiple of 128, in blocks of the largest of 512, 256, 128 that divides the length.
+
+The platform is that of the devices the code is compiled for: the context mesh's (`jax.set_mesh`, which the
+Encoder, `fit` and `m3jax preflight` set), else JAX's default backend. The kernels ("splash", "cudnn", "native")
+are custom calls XLA cannot partition; under a context mesh they run per shard of the batch (`jax.shard_map` over
+the mesh's axes that are not already manual), so a data-parallel batch stays split at any scale.
 """
 
 from __future__ import annotations
@@ -42,12 +48,23 @@ BLOCK_Q, BLOCK_K = 256, 512  # best of the sizes measured on a 2-core x86 CPU at
 HEADS_SCORES, HEADS_ROWS = 4 * 512 * 512, 512
 
 
+SPLASH_BLOCKS = (512, 256, 128)  # splash's block sizes, largest first: the first that divides the length is used
+
+
+def platform_in_use() -> str:
+    """The platform being compiled for: the context mesh's devices (jax.set_mesh), else JAX's default backend."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.platform
+    return jax.default_backend()
+
+
 def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None) -> str:
-    """Picks an implementation from backend, length and dtype."""
-    backend = backend or jax.default_backend()
-    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+    """Picks an implementation from platform (default platform_in_use()), length and dtype."""
+    backend = backend or platform_in_use()
+    if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    if backend == "tpu" and seq_len % 128 == 0:
+    if backend == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0:
         return "splash"
     if backend == "cpu":
         return "heads"
@@ -80,14 +97,34 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl
     if impl == "native":
         if q.dtype != jnp.float32:
             raise ValueError(f'attention impl "native" takes float32, got {q.dtype}')
-        return _native(q, k, v, mask)
+        return _per_shard(_native, q, k, v, mask)
     if impl == "xla":
         return _xla(q, k, v, mask, drop)
     if impl == "chunked":
         return _chunked(q, k, v, mask, drop=drop)
     if impl == "cudnn":
-        return _cudnn(q, k, v, mask)
-    return _splash(q, k, v, mask)
+        return _per_shard(_cudnn, q, k, v, mask)
+    if q.shape[1] % SPLASH_BLOCKS[-1]:
+        raise ValueError(f'attention impl "splash" takes lengths that are a multiple of {SPLASH_BLOCKS[-1]}, got '
+                         f"{q.shape[1]} (q shape {q.shape})")
+    return _per_shard(_splash, q, k, v, mask)
+
+
+def _per_shard(kernel, q, k, v, mask):
+    """kernel(q, k, v, mask) on each device's rows: under a context mesh, shard_map over its non-manual axes of
+    size > 1 with the batch split over them (a custom call is otherwise gathered whole onto every device)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    axes = () if mesh.empty else tuple(a for a in mesh.axis_names
+                                       if a not in mesh.manual_axes and mesh.shape[a] > 1)
+    if not axes:
+        return kernel(q, k, v, mask)
+    shards = math.prod(mesh.shape[a] for a in axes)
+    if q.shape[0] % shards:
+        raise ValueError(f"attention: batch of {q.shape[0]} rows (q shape {q.shape}) does not split over the "
+                         f"{shards} devices of mesh axes {axes}")
+    rows = jax.sharding.PartitionSpec(axes)
+    return jax.shard_map(kernel, mesh=mesh, in_specs=(rows,) * 4, out_specs=rows, axis_names=set(axes),
+                         check_vma=False)(q, k, v, mask)
 
 
 def _dropout(x: jax.Array, drop: tuple[float, jax.Array] | None) -> jax.Array:
@@ -239,6 +276,14 @@ def _cudnn(q, k, v, mask):
     )
 
 
+def splash_block(seq_len: int) -> int:
+    """Splash's block size for a length: the largest of SPLASH_BLOCKS dividing it."""
+    for block in SPLASH_BLOCKS:
+        if seq_len % block == 0:
+            return block
+    raise ValueError(f"splash attention needs a length divisible by {SPLASH_BLOCKS[-1]}, got {seq_len}")
+
+
 @functools.cache
 def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
@@ -246,7 +291,7 @@ def _splash_kernel(seq_len: int, num_heads: int, interpret: bool):
 
     full = sm.FullMask((seq_len, seq_len))
     multi = sm.MultiHeadMask([full] * num_heads)
-    block = min(512, seq_len)
+    block = splash_block(seq_len)
     sizes = sk.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block,
                           block_q_dkv=block, block_kv_dkv=block, block_kv_dkv_compute=block)
     return sk.make_splash_mha(multi, head_shards=1, q_seq_shards=1, block_sizes=sizes, interpret=interpret)
@@ -256,7 +301,7 @@ def _splash(q, k, v, mask):
     b, t, n, h = q.shape
     from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as sk
 
-    kernel = _splash_kernel(t, n, jax.default_backend() != "tpu")
+    kernel = _splash_kernel(t, n, platform_in_use() != "tpu")
     scale = 1.0 / math.sqrt(h)
     # Padding enters through segment ids: real tokens are segment 0, padding segment 1, so a real query never
     # attends to padding (padded queries attend only to padding, and are never read).

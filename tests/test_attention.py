@@ -93,11 +93,15 @@ def test_chunked_never_builds_full_score_matrix():
     assert biggest("chunked") < full_bytes / 8
 
 
-def test_splash_interpret_matches_xla():
-    q, k, v, mask = inputs(2, 256, 2, 64, [256, 77])
+@pytest.mark.parametrize("t", [256, 384])
+def test_splash_interpret_matches_xla(t):
+    """256: one block of 256; 384: three blocks of 128 (the largest of 512/256/128 dividing it)."""
+    q, k, v, mask = inputs(2, t, 2, 64, [t, 77])
     ref = attention(q, k, v, mask, impl="xla")
     out = attention(q, k, v, mask, impl="splash")  # Pallas TPU kernel, interpret mode off-TPU
     assert_as_close_to_float64_as_xla(out, ref, truth(q, k, v, mask), mask)
+    with pytest.raises(ValueError, match="multiple of 128, got 200"):
+        attention(*inputs(1, 200, 2, 64, [200]), impl="splash")
 
 
 def test_bfloat16_inputs_keep_float32_softmax():
@@ -124,6 +128,7 @@ def test_dispatch_by_backend_length_and_dtype():
     assert choose_impl(512, jnp.float32, "gpu") == "xla"
     assert choose_impl(1024, jnp.bfloat16, "tpu") == "splash"
     assert choose_impl(100, jnp.float32, "tpu") == "xla"
+    assert choose_impl(640, jnp.bfloat16, "tpu") == "splash"
     assert choose_impl(512, jnp.float32, "cpu") == "heads"
     assert choose_impl(8192, jnp.bfloat16, "cpu") == "heads"
     with pytest.raises(ValueError, match="unknown attention impl 'fast'"):
