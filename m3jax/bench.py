@@ -106,7 +106,8 @@ def print_alternated(title: str, times: dict[str, list[float]], flops: float, re
     base = float(np.median(times[ref]))
     for name, ts in times.items():
         m = float(np.median(ts))
-        print(f"  {name:<10} {m:8.3f}s ({min(ts):.3f}-{max(ts):.3f})  {flops / m / 1e9:6.1f} GFLOP/s  "
+        # Three significant digits: a call of a tiny test workload can take well under a millisecond.
+        print(f"  {name:<10} {m:8.3g}s ({min(ts):.3g}-{max(ts):.3g})  {flops / m / 1e9:6.1f} GFLOP/s  "
               f"{ref}/this {base / m:.2f}")
 
 
