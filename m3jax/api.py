@@ -69,7 +69,7 @@ class BGEM3:
         return_sparse: bool = False,
         return_colbert_vecs: bool = False,
         truncate_dim: int | None = None,
-        max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
+        max_tokens_per_batch: int | None = None,
         length_buckets: Sequence[int] | None = None,
         attn_impl: str = "auto",
         compiler_options: dict[str, Any] | None = None,

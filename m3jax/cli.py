@@ -1,4 +1,5 @@
-"""Command line: `m3jax demo | convert | export | bench | embed | eval | train` (also `python -m m3jax ...`).
+"""Command line: `m3jax demo | convert | export | bench | embed | eval | train | preflight` (also
+`python -m m3jax ...`).
 
 This module only parses arguments; each command calls a plain library function."""
 
@@ -165,6 +166,77 @@ def train(args) -> int:
     return 0
 
 
+def preflight(args) -> int:
+    """Compiles a job for an accelerator target without one; exit 1 naming each shape that fails or does not fit."""
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # the host compiles; no local accelerator is looked for
+    from m3jax import preflight as pf
+    from m3jax.accelerators import TargetError
+
+    def show(c: pf.ShapeCheck) -> None:
+        print(f"  {c.name}: {c.compile_s:.1f} s, {c.needed / 2**30:.2f} GiB/device, {'ok' if c.ok else 'PROBLEM'}",
+              flush=True)
+
+    try:
+        if args.job == "embed":
+            checks = pf.embed_checks(args.target, model=args.model, dtype=args.dtype, max_length=args.max_length,
+                                     batch_size=args.batch_size, lengths=_ints(args.lengths),
+                                     max_tokens_per_batch=args.max_tokens_per_batch,
+                                     mcls_interval=args.mcls_interval, mesh=args.mesh, progress=show)
+        else:
+            from m3jax.train import DataConfig, TrainConfig
+            from m3jax.train.preflight import train_checks
+
+            config = TrainConfig(data=DataConfig(train_group_size=args.train_group_size,
+                                                 query_max_len=args.query_max_len,
+                                                 passage_max_len=args.max_length),
+                                 per_device_batch_size=args.batch_size, bf16=args.dtype == "bfloat16",
+                                 fsdp=args.fsdp, remat=args.remat,
+                                 gradient_accumulation_steps=args.gradient_accumulation_steps)
+            checks = train_checks(args.target, config, model=args.model, progress=show)
+    except (TargetError, ValueError) as e:
+        print(f"m3jax preflight: error: {e}", file=sys.stderr)
+        return 2
+    print(pf.format_checks(checks, args.target))
+    for c in checks:
+        if not c.ok:
+            print(f"m3jax preflight: {c.problem()}", file=sys.stderr)
+    return 0 if all(c.ok for c in checks) else 1
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return None if not text else [int(x) for x in text.split(",")]
+
+
+def _add_preflight(sub) -> None:
+    f = sub.add_parser("preflight", help="compile a job for a TPU topology without a TPU (libtpu): per shape, "
+                                         "compile seconds and memory per device against the chip's")
+    f.add_argument("--target", required=True, help="TPU topology, e.g. v5e:2x2 (one host), v5e:16x16 (a pod), "
+                                                   "v5p:2x2x1, v6e:2x2, v3:2x2 (Colab's TPU)")
+    f.add_argument("--job", required=True, choices=["embed", "train"])
+    f.add_argument("--model", default="bge-m3", help="'bge-m3' (default), 'tiny', or a model directory (its "
+                                                      "config.json only: no weights are read)")
+    f.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16"], help="compute dtype")
+    f.add_argument("--max-length", type=int, default=None,
+                   help="embed: the longest text (default 8192); train: --passage-max-len (default 512)")
+    f.add_argument("--batch-size", type=int, default=None,
+                   help="embed: most rows per batch (default 256); train: per device batch size (default 8)")
+    f.add_argument("--lengths", default=None, help="embed: only these bucket lengths, comma-separated")
+    f.add_argument("--max-tokens-per-batch", type=int, default=None,
+                   help="embed: a token budget per batch instead of the rows that fit memory")
+    f.add_argument("--mcls-interval", type=int, default=None, help="embed: multiple CLS every N tokens")
+    f.add_argument("--mesh", default="host", choices=["host", "global"],
+                   help="embed: one host's devices, as each process of `m3jax embed` runs (default), or one "
+                        "data-parallel mesh over every device of the topology")
+    f.add_argument("--query-max-len", type=int, default=32, help="train")
+    f.add_argument("--train-group-size", type=int, default=8, help="train")
+    f.add_argument("--gradient-accumulation-steps", type=int, default=1, help="train")
+    f.add_argument("--fsdp", action="store_true", help="train: shard parameters and optimiser state")
+    f.add_argument("--remat", action="store_true", help="train: recompute each layer in the backward pass")
+    f.set_defaults(func=preflight)
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes"):
         return True
@@ -245,7 +317,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--outputs", default="dense,sparse,colbert", help="comma-separated: dense, sparse, colbert")
     m.add_argument("--max-length", type=int, default=512, help="tokens per text, longer ones are truncated")
     m.add_argument("--batch-size", type=int, default=256, help="most rows per device batch")
-    m.add_argument("--max-tokens-per-batch", type=int, default=16384)
+    m.add_argument("--max-tokens-per-batch", type=int, default=None,
+                   help="token budget per batch (default: 16384 on CPU; on accelerators the rows that fit memory)")
     m.add_argument("--length-buckets", default=None, help="comma-separated padded lengths (default: m3jax's 53); the "
                                                           "largest must hold --max-length")
     m.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
@@ -319,6 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int, default=None)
     t.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     t.set_defaults(func=train)
+    _add_preflight(sub)
     return p
 
 
@@ -329,6 +403,10 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if args.command == "preflight":
+        embed = args.job == "embed"
+        args.max_length = args.max_length or (8192 if embed else 512)
+        args.batch_size = args.batch_size or (256 if embed else 8)
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, ConversionError, HubUnavailableError, FileNotFoundError) as e:

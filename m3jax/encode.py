@@ -3,10 +3,12 @@ bucket for all three heads, sparse aggregation on the device, results back in in
 
 Bucket scheme: a text of n tokens is padded to the smallest length in LENGTH_BUCKETS that holds it (16, 20, 24, 28,
 32, 40, ... quarter-octave steps to 2,048, then every 256 tokens to 8,192: 53 lengths; on CPU every 128 past 2,048,
-77 lengths, see default_length_buckets). A bucket of length L takes
-rows = min(batch_size, max(1, max_tokens // L)) texts per batch; its last, partial batch is padded with empty rows
-up to the next of 1, 2, 3, 4, 6, 8, 12, ... (1.5x steps), and its spare rows carry the next, shorter texts rather
-than empty padding. So a length bucket compiles at most ~2 log2(rows) shapes, whatever the input.
+77 lengths; on TPU multiples of 128 from 128 on, 48 lengths; see default_length_buckets). A bucket of length L takes
+rows = min(batch_size, max(1, max_tokens // L)) texts per batch (on accelerators, by default, the rows that fit
+the device's memory: m3jax.engine.Encoder.rows_that_fit); its last, partial batch is padded with empty rows up to
+the next of 1, 2, 3, 4, 6, 8, 12, ... (1.5x steps; on accelerators powers of two), and its spare rows carry the
+next, shorter texts rather than empty padding. So a length bucket compiles at most ~2 log2(rows) shapes (log2(rows)
+on accelerators), whatever the input.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import bisect
 import dataclasses
 import functools
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -34,14 +36,26 @@ LENGTH_BUCKETS = tuple(sorted({2**k * m // 4 for k in range(4, 11) for m in (4, 
 # ran 7% faster (2 full-width layers, 2-core AMD Zen 3). On accelerators, where compiling costs more than the
 # padding, the coarser LENGTH_BUCKETS stay.
 CPU_LENGTH_BUCKETS = tuple(sorted(set(LENGTH_BUCKETS) | set(range(2048, 8193, 128))))
+# On TPU every length from 128 on is a multiple of 128, what the splash kernel takes (shorter ones run XLA's
+# attention), so no bucket falls back to a slower attention; 48 lengths.
+TPU_LENGTH_BUCKETS = tuple(sorted({b for b in LENGTH_BUCKETS if b < 128}
+                                          | {-(-b // 128) * 128 for b in LENGTH_BUCKETS if b >= 128}))
 DEFAULT_MAX_TOKENS = 16384
 HEADS = ("dense", "sparse", "colbert")
 ROW_BUCKETS = tuple(sorted({2**i for i in range(12)} | {3 * 2**i for i in range(11)}))
+# Accelerators: a partial batch rounds up to a power of two, half the shapes of ROW_BUCKETS' 1.5x steps; an
+# accelerator compile takes seconds to tens of seconds, the padded rows a fraction of a millisecond each.
+ACCELERATOR_ROW_BUCKETS = tuple(2**i for i in range(16))
 
 
 def default_length_buckets(platform: str) -> tuple[int, ...]:
     """The padded lengths an Encoder on `platform` ("cpu", "gpu", "tpu") uses when given none."""
-    return CPU_LENGTH_BUCKETS if platform == "cpu" else LENGTH_BUCKETS
+    return {"cpu": CPU_LENGTH_BUCKETS, "tpu": TPU_LENGTH_BUCKETS}.get(platform, LENGTH_BUCKETS)
+
+
+def default_row_buckets(platform: str) -> tuple[int, ...]:
+    """The row counts a partial batch of an Encoder on `platform` rounds up to."""
+    return ROW_BUCKETS if platform == "cpu" else ACCELERATOR_ROW_BUCKETS
 
 
 def length_bucket(n: int, buckets: Sequence[int] = LENGTH_BUCKETS) -> int:
@@ -60,31 +74,40 @@ class Batch:
     mcls_interval: int | None = None  # the rows hold insert_cls layouts of this interval (MCLS); None: plain
 
 
-def row_bucket(k: int, rows: int) -> int:
-    """Smallest allowed row count >= k: 1, 2, 3, 4, 6, 8, 12, 16, ... (1.5x steps), capped at the full batch."""
-    for b in ROW_BUCKETS:
+def row_bucket(k: int, rows: int, row_buckets: Sequence[int] = ROW_BUCKETS) -> int:
+    """Smallest allowed row count >= k: 1, 2, 3, 4, 6, 8, 12, 16, ... (ROW_BUCKETS: 1.5x steps), capped at the full
+    batch."""
+    for b in row_buckets:
         if b >= k:
             return min(b, rows)
     return rows
 
 
-def plan_batches(lengths: np.ndarray, *, batch_size: int, max_tokens: int, row_multiple: int = 1,
-                 buckets: Sequence[int] = LENGTH_BUCKETS) -> list[tuple]:
+def plan_batches(lengths: np.ndarray, *, batch_size: int, max_tokens: int | None = None, row_multiple: int = 1,
+                 buckets: Sequence[int] = LENGTH_BUCKETS, max_rows: Callable[[int], int] | None = None,
+                 row_buckets: Sequence[int] = ROW_BUCKETS) -> list[tuple]:
     """Groups texts (by token count) into (bucket length, rows, indices) batches, longest first.
 
     Texts are taken longest first. A batch has the bucket length L of its longest text and rows =
-    min(batch_size, max_tokens // L) texts; when fewer texts of that bucket remain, rows round up to the next
-    ROW_BUCKETS size and the spare rows take the next (shorter) texts rather than empty padding.
+    min(batch_size, max_rows(L)) texts (max_rows(L) = max_tokens // L when max_rows is None); when fewer texts of
+    that bucket remain, rows round up to the next ROW_BUCKETS size and the spare rows take the next (shorter) texts
+    rather than empty padding.
     row_multiple: rows of every batch are a multiple of it (the number of devices a batch is split over).
+    max_rows: the most rows a batch of padded length L may have (e.g. what fits the device's memory).
+    row_buckets: the row counts a partial batch rounds up to.
     """
+    if max_rows is None:
+        if max_tokens is None:
+            raise ValueError("plan_batches needs max_tokens or max_rows")
+        max_rows = lambda L: max_tokens // L  # noqa: E731
     order = np.argsort(-lengths, kind="stable")
     padded_len = np.array([length_bucket(int(n), buckets) for n in lengths[order]], dtype=np.int64)
     plan, i, n = [], 0, len(order)
     while i < n:
         L = int(padded_len[i])
-        full = _round_up(max(1, min(batch_size, max_tokens // L)), row_multiple)
+        full = _round_up(max(1, min(batch_size, max_rows(L))), row_multiple)
         same = int(np.searchsorted(-padded_len[i:], -L, side="right"))  # texts left in this bucket
-        rows = full if same >= full else _round_up(row_bucket(same, full), row_multiple)
+        rows = full if same >= full else _round_up(row_bucket(same, full, row_buckets), row_multiple)
         idx = order[i:i + rows]
         plan.append((L, rows, idx))
         i += len(idx)

@@ -10,6 +10,7 @@ executables, batch planning, and encode as a generator over batches (streaming) 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import time
@@ -22,12 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3jax import blas, native
+from m3jax import accelerators, blas, native
 from m3jax import encode as pipeline
 from m3jax._io import cache_root
 from m3jax.checkpoint import load_pretrained
 from m3jax.config import M3Config
-from m3jax.model import BGEM3Model, model_from_params, resolve_dtype
+from m3jax.model import BGEM3Model, abstract_model, model_from_params, resolve_dtype
 from m3jax.tokenizer import Tokenizer
 
 logger = logging.getLogger("m3jax")
@@ -41,6 +42,10 @@ logger = logging.getLogger("m3jax")
 CPU_EIGEN_MAX_LENGTH = 1024
 CPU_BLAS_EIGEN_MAX_LENGTH = 512
 CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
+# Rows per device of the first compile that sizes a bucket on an accelerator (Encoder.rows_that_fit): this many
+# tokens, the rest is extrapolated from its memory analysis and checked by a second compile.
+PROBE_TOKENS = 16384
+MAX_ROWS_PER_DEVICE = 4096
 
 
 def use_cpu_blas(platform: str, dtype: Any, num_devices: int = 1) -> bool:
@@ -139,17 +144,23 @@ class Encoder:
         where it builds (use_native_attention).
       length_buckets: padded lengths (default m3jax.encode.default_length_buckets(platform): finer past 2,048
         tokens on CPU); the largest must hold the model's longest input.
-      max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)).
+      max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)). None (the
+        default): m3jax.encode.DEFAULT_MAX_TOKENS on CPU; on an accelerator the rows that fit each device's memory
+        (rows_that_fit: measured from the compiler's memory analysis, cached per model, device kind and dtype).
       pooling, normalize, truncate_dim: FlagEmbedding's pooling_method, normalize_embeddings, truncate_dim.
       compiler_options: XLA options for every executable (`jax.stages.Lowered.compile(compiler_options=...)`),
         e.g. {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}; {}: XLA's defaults; None:
         default_compiler_options per bucket (on CPU, Eigen's dots for short buckets).
+
+    params=None builds an Encoder of shapes only (parameters as ShapeDtypeStructs): it plans and compiles exactly as
+    a real one, e.g. for compile-only devices (m3jax.accelerators, `m3jax preflight`), but cannot run; tokenizer_dir
+    may then be None.
     """
 
     def __init__(self, config: M3Config, params: Any, tokenizer_dir: str | os.PathLike, *,
                  dtype: Any = "float32", devices: Any = None, attn_impl: str = "auto",
                  length_buckets: Sequence[int] | None = None,
-                 max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS, pooling: str = "cls",
+                 max_tokens_per_batch: int | None = None, pooling: str = "cls",
                  normalize: bool = True, truncate_dim: int | None = None,
                  compiler_options: dict[str, Any] | None = None):
         if pooling not in ("cls", "mean"):
@@ -163,26 +174,37 @@ class Encoder:
                              f"({longest} tokens), got {length_buckets!r}")
         self.config = config
         self.dtype = resolve_dtype(dtype)
-        self.tokenizer_dir = Path(tokenizer_dir)
-        self.tokenizer = Tokenizer(tokenizer_dir)
+        self.tokenizer_dir = None if tokenizer_dir is None else Path(tokenizer_dir)
+        self.tokenizer = None if tokenizer_dir is None else Tokenizer(tokenizer_dir)
         self.attn_impl = attn_impl
         self.length_buckets = buckets
+        self.platform = self.devices[0].platform
+        if max_tokens_per_batch is None and self.platform == "cpu":
+            max_tokens_per_batch = pipeline.DEFAULT_MAX_TOKENS
         self.max_tokens_per_batch = max_tokens_per_batch
         self.pooling, self.normalize, self.truncate_dim = pooling, normalize, truncate_dim
         self.compiler_options = None if compiler_options is None else dict(compiler_options)
         # float32 on one CPU device: the projections through OpenBLAS (m3jax.blas), 1.1-1.2x the forward here.
-        self.cpu_blas = use_cpu_blas(self.devices[0].platform, self.dtype, len(self.devices))
+        self.cpu_blas = use_cpu_blas(self.platform, self.dtype, len(self.devices))
         # ... and attention through m3jax.native's fused kernel (a 2-layer forward 1.23x faster at 1 x 8,064 tokens).
-        self.native_attention = use_native_attention(self.devices[0].platform, self.dtype, len(self.devices))
-        self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
+        self.native_attention = use_native_attention(self.platform, self.dtype, len(self.devices))
+        # Executables are lowered under this mesh (jax.set_mesh): attention dispatches by its platform and runs its
+        # kernels per device's rows (m3jax.attention).
+        self.mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
+        replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
         if len(self.devices) > 1:
-            mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
-            self.row_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-            self.state = jax.device_put(state, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+            self.row_sharding = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec("data"))
         else:
-            self.row_sharding = None
-            self.state = jax.device_put(state, self.devices[0])
+            self.row_sharding, replicated = None, jax.sharding.SingleDeviceSharding(self.devices[0])
+        if params is None:
+            self.graphdef, state = nnx.split(abstract_model(config, dtype=self.dtype))
+            self.state = jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                                                state)
+        else:
+            self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
+            self.state = jax.device_put(state, replicated)
         self._compiled: dict = {}
+        self._rows_per_device: dict[int, int] | None = None  # rows_that_fit's table, loaded on first use
         # (length, rows, heads), or (length, rows, heads, mcls_interval) with MCLS -> seconds to compile or fetch
         self.compile_seconds: dict[tuple, float] = {}
         self._fingerprint: tuple[Any, str] | None = None  # (the state it was computed from, digest)
@@ -279,13 +301,77 @@ class Encoder:
 
     def plan(self, lengths: np.ndarray, *, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
         """(bucket length, rows, indices) per batch, longest first (see m3jax.encode.plan_batches); rows are a
-        multiple of the device count."""
+        multiple of the device count, at most batch_rows(length)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         ndev = len(self.devices)
-        return pipeline.plan_batches(np.asarray(lengths), batch_size=max(batch_size, ndev),
-                                     max_tokens=self.max_tokens_per_batch, row_multiple=ndev,
-                                     buckets=self.length_buckets)
+        return pipeline.plan_batches(np.asarray(lengths), batch_size=max(batch_size, ndev), row_multiple=ndev,
+                                     buckets=self.length_buckets, max_rows=self.batch_rows,
+                                     row_buckets=pipeline.default_row_buckets(self.platform))
+
+    def batch_rows(self, length: int) -> int:
+        """The most rows of a batch of padded `length`: max_tokens_per_batch // length, or with
+        max_tokens_per_batch None (accelerators' default) rows_that_fit."""
+        if self.max_tokens_per_batch is not None:
+            return max(1, self.max_tokens_per_batch // length)
+        return self.rows_that_fit(length)
+
+    def rows_that_fit(self, length: int) -> int:
+        """The most rows (over all devices) of a [rows, length] batch whose executable, all three outputs, fits each
+        device's memory with accelerators.HEADROOM to spare while the previous batch's outputs are still held (see
+        accelerators.MemoryUse.in_flight). Measured once per bucket from the compiler's memory analysis: a probe
+        compile of PROBE_TOKENS tokens per device, extrapolated linearly in rows, then a compile at that size that
+        must fit (shrunk until it does); cached in $M3JAX_HOME/batch_rows per model, device kind, dtype and jax."""
+        if self._rows_per_device is None:
+            self._rows_per_device = self._read_rows_table()
+        if length not in self._rows_per_device:
+            self._rows_per_device[length] = self._measure_rows(length)
+            self._write_rows_table()
+        return self._rows_per_device[length] * len(self.devices)
+
+    def _measure_rows(self, length: int) -> int:
+        ndev, memory = len(self.devices), accelerators.usable_memory(self.devices[0])
+
+        def use(rows: int) -> accelerators.MemoryUse:
+            return accelerators.MemoryUse.of(self.executable(length, rows * ndev))
+
+        rows, best = max(1, min(MAX_ROWS_PER_DEVICE, PROBE_TOKENS // length)), 0
+        for _ in range(6):
+            m = use(rows)
+            if m.in_flight <= memory:
+                best = max(best, rows)
+            fixed = m.arguments + m.code
+            guess = max(1, min(MAX_ROWS_PER_DEVICE, int((memory - fixed) * rows / max(1, m.in_flight - fixed))))
+            if guess == rows or (best and guess <= best):
+                break
+            rows = guess
+        if not best:
+            raise ValueError(f"a batch of {rows} row(s) of {length} tokens needs {m.in_flight / 2**30:.2f} GiB per "
+                             f"device, more than the {memory / 2**30:.2f} GiB usable of a "
+                             f"{self.devices[0].device_kind}")
+        return best
+
+    def _rows_table_path(self) -> Path:
+        key = json.dumps([repr(self.config), str(self.dtype), self.devices[0].device_kind, jax.__version__,
+                          accelerators.HEADROOM, self.attn_impl, self.pooling, self.truncate_dim])
+        return cache_root() / "batch_rows" / f"{hashlib.sha256(key.encode()).hexdigest()[:20]}.json"
+
+    def _read_rows_table(self) -> dict[int, int]:
+        path = self._rows_table_path()
+        try:
+            return {int(k): int(v) for k, v in json.loads(path.read_text())["rows_per_device"].items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {}
+
+    def _write_rows_table(self) -> None:
+        path = self._rows_table_path()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.partial")
+        tmp.write_text(json.dumps({"device_kind": self.devices[0].device_kind, "dtype": str(self.dtype),
+                                   "jax": jax.__version__, "headroom": accelerators.HEADROOM,
+                                   "rows_per_device": {str(k): v for k, v in sorted(self._rows_per_device.items())}},
+                                  indent=1))
+        os.replace(tmp, path)
 
     def make_batches(self, ids: Sequence[np.ndarray], plan: Iterable[tuple[int, int, np.ndarray]],
                      mcls_interval: int | None = None) -> list[pipeline.Batch]:
@@ -319,11 +405,13 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            options, proj, attn = compile_plan(self.devices[0].platform, length, self.cpu_blas, self.compiler_options,
+            options, proj, attn = compile_plan(self.platform, length, self.cpu_blas, self.compiler_options,
                                                self.native_attention)
             if self.attn_impl == "auto":
                 static["attn_impl"] = attn
-            lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static, projections=proj)
+            with jax.set_mesh(self.mesh):
+                lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static,
+                                                     projections=proj)
             exe = _compile(lowered, options, defaults=self.compiler_options is None)
             self.compile_seconds[key] = time.perf_counter() - t0
             self._compiled[key] = exe

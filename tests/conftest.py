@@ -4,6 +4,10 @@ import tempfile
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("M3JAX_HOME", tempfile.mkdtemp(prefix="m3jax-test-home-"))  # caches stay out of ~/.cache
+# The test extra installs libtpu (the TPU compile tier). With no TPU or GPU here, keep every test process (and its
+# subprocesses) off libtpu's TPU discovery: compile-only TPU devices need no TPU backend.
+if not any(os.path.exists(p) for p in ("/dev/accel0", "/dev/vfio", "/dev/nvidia0")):
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import pytest  # noqa: E402
 

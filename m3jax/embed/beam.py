@@ -49,7 +49,7 @@ class M3EmbedHandler(ModelHandler):
     """
 
     def __init__(self, model: str | os.PathLike, *, outputs: Sequence[str] = pipeline.HEADS, max_length: int = 512,
-                 batch_size: int = 256, max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
+                 batch_size: int = 256, max_tokens_per_batch: int | None = None,
                  length_buckets: Sequence[int] | None = None, dense_dtype: str = "float32",
                  colbert_dtype: str = "float16", dtype: str = "float32", attn_impl: str = "auto", devices: Any = None,
                  min_batch_size: int | None = None, max_batch_size: int = 1024,

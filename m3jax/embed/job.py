@@ -46,7 +46,7 @@ class Settings:
     outputs: tuple[str, ...] = pipeline.HEADS
     max_length: int = 512
     batch_size: int = 256
-    max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS
+    max_tokens_per_batch: int | None = None  # None: the Encoder's default (see m3jax.engine.Encoder)
     length_buckets: tuple[int, ...] | None = None
     shard_size: int = 10_000
     window: int = 4096
@@ -64,6 +64,8 @@ class Settings:
             raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {self.outputs!r}")
         for name in ("batch_size", "max_tokens_per_batch", "shard_size", "window", "window_tokens"):
             v = getattr(self, name)
+            if v is None and name == "max_tokens_per_batch":
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or not (
@@ -81,7 +83,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
           outputs: Sequence[str] = pipeline.HEADS, max_length: int = 512, batch_size: int = 256,
           shard_size: int = 10_000, window: int = 4096, window_tokens: int = 1 << 20, dense_dtype: str = "float32",
           colbert_dtype: str = "float16", text_field: str = "text", id_field: str | None = None,
-          dtype: str = "float32", attn_impl: str = "auto", max_tokens_per_batch: int = pipeline.DEFAULT_MAX_TOKENS,
+          dtype: str = "float32", attn_impl: str = "auto", max_tokens_per_batch: int | None = None,
           length_buckets: Sequence[int] | None = None, mcls_interval: int | None = None, devices: Any = None,
           coordinator: str | None = None,
           num_processes: int | None = None, process_id: int | None = None, quiet: bool = False,
@@ -502,8 +504,6 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
     extra = sorted(set(finals) - set(range(n_shards)))
     if extra:
         raise EmbedError(f"{root}: shard files past the end of the input ({[writer.shard_name(k) for k in extra]})")
-    import jax
-
     manifest = {**job, "model": {**job["model"], "dtype": settings.dtype},
                 "schema": {f.name: str(f.type) for f in writer.schema(settings.outputs, dims, settings.dense_dtype,
                                                                        settings.colbert_dtype)},
@@ -515,7 +515,7 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
                 "truncated": sum(s["truncated"] for s in shards),
                 "shards": shards,
                 "runtime": {"processes": nproc, "local_devices": len(getattr(encoder, "devices", []) or []),
-                            "platform": jax.default_backend()}}
+                            "platform": encoder.platform}}
     writer.write_json(fs, posixpath.join(root, writer.MANIFEST), manifest)
     return manifest
 

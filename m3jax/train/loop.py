@@ -178,11 +178,10 @@ class _Run:
         from flax import nnx
 
         from m3jax.checkpoint import load_pretrained
-        from m3jax.model import abstract_model, model_from_params
+        from m3jax.model import model_from_params
         from m3jax.tokenizer import Tokenizer
         from m3jax.train.checkpoints import TrainCheckpoints
-        from m3jax.train.sharding import make_mesh, tree_shardings
-        from m3jax.train.step import OptimConfig, make_optimizer
+        from m3jax.train.sharding import make_mesh
 
         self.config, self.out, self.process = config, out, process
         self.primary = process == 0
@@ -205,27 +204,17 @@ class _Run:
                              f"optimiser step of {c.gradient_accumulation_steps} micro-batches")
         self.total = c.max_steps if c.max_steps > 0 else math.ceil(c.num_train_epochs * self.steps_per_epoch)
 
-        # The compute graph (dtype, remat) and the float32 master state.
-        compute = "bfloat16" if c.bf16 else "float32"
-        skeleton = abstract_model(self.cfg, dtype=compute)
-        skeleton.encoder.remat = c.remat
-        self.graphdef, _ = nnx.split(skeleton)
         _, state = nnx.split(model_from_params(self.cfg, params, dtype="float32"))
         self.settings = {"version": SETTINGS_VERSION, "model": str(model), "model_sha256": _fingerprint(state),
                          "data": self.data.files, "rows": rows, "devices": self.world, "processes": nproc,
                          "total_steps": self.total, "config": _jsonable(c.settings())}
         self._check_settings()
-        self.state_sh = tree_shardings(state, self.mesh, c.fsdp)
-        state = _place(state, self.state_sh)
+        self.plan = plan_step(self.cfg, c, self.mesh, self.total)
+        state = _place(state, self.plan.state_shardings)
         del params
-        self.optim = OptimConfig(num_training_steps=self.total, learning_rate=c.learning_rate,
-                                 weight_decay=c.weight_decay, adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2,
-                                 adam_epsilon=c.adam_epsilon, max_grad_norm=c.max_grad_norm,
-                                 warmup_ratio=c.warmup_ratio, warmup_steps=c.warmup_steps)
-        self.tx = make_optimizer(state, c.loss, self.optim)
-        opt_sh = tree_shardings(jax.eval_shape(self.tx.init, state), self.mesh, c.fsdp)
-        opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(state)
-        self.compute = compute
+        self.optim = self.plan.optim
+        with jax.set_mesh(self.mesh):
+            opt_state = jax.jit(self.plan.tx.init, out_shardings=self.plan.opt_shardings)(state)
 
         self.ckpt = TrainCheckpoints(out / "checkpoints", save_steps=c.save_steps, keep=c.save_total_limit)
         self.step, self.epoch, self.consumed = 0, 0, 0
@@ -323,10 +312,10 @@ class _Run:
         from m3jax.train.step import accumulate_step
 
         stacked = self._stack(batches)
-        self.state, self.opt_state, m = accumulate_step(
-            self.graphdef, self.state, self.opt_state, stacked, jnp.int32(self.step), jnp.asarray(self.rng),
-            flags=self.config.loss, tx=self.tx, mesh=self.mesh if self.world > 1 else None, fsdp=self.config.fsdp,
-            compute_dtype=self.compute, dropout=self.config.dropout)
+        with jax.set_mesh(self.mesh):
+            self.state, self.opt_state, m = accumulate_step(
+                self.plan.graphdef, self.state, self.opt_state, stacked, jnp.int32(self.step), jnp.asarray(self.rng),
+                **self.plan.static)
         self.step += 1
         m = jax.device_get(m)
         return {k: (int(v) if k == "tokens" else float(v)) for k, v in m.items()}
@@ -394,6 +383,79 @@ class _Run:
             self.tb.close()
 
 
+# ------------------------------------------------------------------------------------------------- the step
+@dataclasses.dataclass(frozen=True)
+class StepPlan:
+    """How fit() compiles its optimiser step (m3jax.train.step.accumulate_step) for a config and mesh: what
+    `m3jax preflight --job train` compiles too."""
+
+    graphdef: Any  # the model in the compute dtype, with remat as configured
+    optim: Any  # m3jax.train.step.OptimConfig
+    tx: Any  # the optax transformation
+    state_shardings: Any  # float32 master parameters: replicated, or the FSDP layout
+    opt_shardings: Any  # the optimiser state's
+    static: dict  # accumulate_step's static keywords
+
+    def abstract_inputs(self, cfg: Any, config: TrainConfig, mesh: Any, query_len: int, passage_len: int) -> tuple:
+        """ShapeDtypeStructs of accumulate_step's arguments for one step of padded lengths (query, passage):
+        (state, opt_state, batches, step, rng), laid out as fit() places them."""
+        from flax import nnx
+
+        from m3jax.model import abstract_model
+        from m3jax.train.sharding import batch_sharding
+
+        _, state = nnx.split(abstract_model(cfg, dtype="float32"))
+        spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
+        state = jax.tree_util.tree_map(spec, state, self.state_shardings)
+        opt_state = jax.tree_util.tree_map(spec, jax.eval_shape(self.tx.init, state), self.opt_shardings)
+        a, g = config.gradient_accumulation_steps, config.data.train_group_size
+        b = config.per_device_batch_size * mesh.size
+        rows = batch_sharding(mesh)
+        batches = {"q_ids": (a, b, query_len), "q_mask": (a, b, query_len), "p_ids": (a, b * g, passage_len),
+                   "p_mask": (a, b * g, passage_len)}
+        batches = {k: jax.ShapeDtypeStruct(v, np.int32, sharding=rows) for k, v in batches.items()}
+        if config.data.knowledge_distillation:
+            batches["teacher_scores"] = jax.ShapeDtypeStruct((a, b, g), np.float32, sharding=rows)
+        return (state, opt_state, batches, jax.ShapeDtypeStruct((), np.int32),
+                jax.ShapeDtypeStruct((2,), np.uint32))
+
+
+def plan_step(cfg: Any, config: TrainConfig, mesh: Any, total_steps: int) -> StepPlan:
+    """The compute graph (dtype, remat), the optimiser over total_steps, and the shardings of fit()'s step."""
+    from flax import nnx
+
+    from m3jax.model import abstract_model
+    from m3jax.train.sharding import tree_shardings
+    from m3jax.train.step import OptimConfig, make_optimizer
+
+    c = config
+    compute = "bfloat16" if c.bf16 else "float32"
+    skeleton = abstract_model(cfg, dtype=compute)
+    skeleton.encoder.remat = c.remat
+    graphdef, _ = nnx.split(skeleton)
+    _, state = nnx.split(abstract_model(cfg, dtype="float32"))
+    optim = OptimConfig(num_training_steps=total_steps, learning_rate=c.learning_rate, weight_decay=c.weight_decay,
+                        adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_epsilon=c.adam_epsilon,
+                        max_grad_norm=c.max_grad_norm, warmup_ratio=c.warmup_ratio, warmup_steps=c.warmup_steps)
+    tx = make_optimizer(state, c.loss, optim)
+    state_sh = tree_shardings(state, mesh, c.fsdp)
+    opt_sh = tree_shardings(jax.eval_shape(tx.init, state), mesh, c.fsdp)
+    static = dict(flags=c.loss, tx=tx, mesh=mesh if mesh.size > 1 else None, fsdp=c.fsdp, compute_dtype=compute,
+                  dropout=c.dropout)
+    return StepPlan(graphdef, optim, tx, state_sh, opt_sh, static)
+
+
+def lower_step(cfg: Any, config: TrainConfig, mesh: Any, query_len: int, passage_len: int,
+               total_steps: int = 1000) -> jax.stages.Lowered:
+    """fit()'s optimiser step lowered for a mesh (real or compile-only devices) at padded lengths, from shapes only."""
+    from m3jax.train.step import accumulate_step
+
+    plan = plan_step(cfg, config, mesh, total_steps)
+    with jax.set_mesh(mesh):
+        return accumulate_step.lower(plan.graphdef, *plan.abstract_inputs(cfg, config, mesh, query_len, passage_len),
+                                     **plan.static)
+
+
 # ------------------------------------------------------------------------------------------------- helpers
 def _place(state, shardings):
     """Host arrays -> global arrays in `shardings` (every process holds the whole value)."""
@@ -457,4 +519,4 @@ def _tensorboard(logdir: Path):
     return None
 
 
-__all__ = ["FitResult", "TrainConfig", "TrainError", "fit"]
+__all__ = ["FitResult", "StepPlan", "TrainConfig", "TrainError", "fit", "lower_step", "plan_step"]
