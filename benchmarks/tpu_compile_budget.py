@@ -40,7 +40,7 @@ def sample_lengths(mix: str, n: int, max_length: int, seed: int = 0) -> np.ndarr
     return np.clip(short, 8, max_length).astype(np.int64)
 
 
-def plan_job(lengths, *, shard_size, window, window_tokens, batch_size, ndev, buckets, row_buckets):
+def plan_job(lengths, *, shard_size, window, window_tokens, batch_size, ndev, buckets, row_buckets, max_rows):
     """(length, rows) of every batch, windows cut as m3jax.embed's planner cuts them."""
     out = []
     for s in range(0, len(lengths), shard_size):
@@ -48,7 +48,7 @@ def plan_job(lengths, *, shard_size, window, window_tokens, batch_size, ndev, bu
         for w in range(0, len(shard), window):
             chunk = shard[w:w + window]
             for a, b in split_by_tokens(chunk, window_tokens):
-                plan = pipeline.plan_batches(chunk[a:b], batch_size=batch_size, max_tokens=1 << 40,
+                plan = pipeline.plan_batches(chunk[a:b], batch_size=batch_size, max_rows=max_rows,
                                              row_multiple=ndev, buckets=buckets, row_buckets=row_buckets)
                 out += [(L, rows) for L, rows, _ in plan]
     return out
@@ -61,7 +61,7 @@ def main() -> None:
     p.add_argument("--mix", default="passages", choices=["passages", "web"])
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--sample", type=int, default=200_000)
-    p.add_argument("--batch-size", type=int, default=1024, help="rows per host batch (below what fits memory)")
+    p.add_argument("--batch-size", type=int, default=1024, help="most rows per host batch (fewer where memory binds)")
     p.add_argument("--shard-size", type=int, default=10_000)
     p.add_argument("--window", type=int, default=4096)
     p.add_argument("--window-tokens", type=int, default=1 << 20)
@@ -79,17 +79,18 @@ def main() -> None:
         "accelerator buckets, 1.5x row steps": (pipeline.TPU_LENGTH_BUCKETS, pipeline.ROW_BUCKETS),
         "accelerator buckets, 2x row steps": (pipeline.TPU_LENGTH_BUCKETS, pipeline.ACCELERATOR_ROW_BUCKETS),
     }
+    # The job's Encoder on one host of the target: rows per batch = min(batch size, what fits a chip's memory).
+    enc = Encoder(cfg, None, None, dtype=args.dtype, devices=devices)
     plans = {name: plan_job(lengths, shard_size=args.shard_size, window=args.window,
                             window_tokens=args.window_tokens, batch_size=args.batch_size, ndev=ndev,
-                            buckets=b, row_buckets=r) for name, (b, r) in settings.items()}
-    # One compile per length met (the rows of a shape barely change its compile time; measured, printed).
-    enc = Encoder(cfg, None, None, dtype=args.dtype, devices=devices, max_tokens_per_batch=1 << 40)
+                            buckets=b, row_buckets=r, max_rows=enc.batch_rows) for name, (b, r) in settings.items()}
+    # One compile per length met (the rows of a shape barely change its compile time).
     per_length = {}
     for L in sorted({L for plan in plans.values() for L, _ in plan}):
-        rows = max(r for LL, r in plans[next(iter(plans))] + plans[list(plans)[-1]] if LL == L)
+        rows = max(r for plan in plans.values() for LL, r in plan if LL == L)
         t0 = time.perf_counter()
         enc.executable(L, rows)
-        per_length[L] = time.perf_counter() - t0
+        per_length[L] = enc.compile_seconds.get((L, rows, pipeline.HEADS), time.perf_counter() - t0)
         print(f"  compile [{rows} x {L}] on {args.target}: {per_length[L]:.1f} s", flush=True)
     real = int(lengths.sum())
     print(f"\n{args.passages:,} {args.mix} (max_length {args.max_length}, mean {lengths.mean():.0f} tokens) on one "

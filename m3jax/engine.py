@@ -306,24 +306,35 @@ class Encoder:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
         ndev = len(self.devices)
         return pipeline.plan_batches(np.asarray(lengths), batch_size=max(batch_size, ndev), row_multiple=ndev,
-                                     buckets=self.length_buckets, max_rows=self.batch_rows,
+                                     buckets=self.length_buckets, max_rows=lambda L: self.batch_rows(L, batch_size),
                                      row_buckets=pipeline.default_row_buckets(self.platform))
 
-    def batch_rows(self, length: int) -> int:
+    def batch_rows(self, length: int, batch_size: int | None = None) -> int:
         """The most rows of a batch of padded `length`: max_tokens_per_batch // length, or with
-        max_tokens_per_batch None (accelerators' default) rows_that_fit."""
+        max_tokens_per_batch None (accelerators' default) rows_that_fit (given batch_size, a batch of that many
+        rows that fits is taken as it is)."""
         if self.max_tokens_per_batch is not None:
             return max(1, self.max_tokens_per_batch // length)
-        return self.rows_that_fit(length)
+        return self.rows_that_fit(length, batch_size)
 
-    def rows_that_fit(self, length: int) -> int:
+    def rows_that_fit(self, length: int, at_most: int | None = None) -> int:
         """The most rows (over all devices) of a [rows, length] batch whose executable, all three outputs, fits each
         device's memory with accelerators.HEADROOM to spare while the previous batch's outputs are still held (see
         accelerators.MemoryUse.in_flight). Measured once per bucket from the compiler's memory analysis: a probe
         compile of PROBE_TOKENS tokens per device, extrapolated linearly in rows, then a compile at that size that
-        must fit (shrunk until it does); cached in $M3JAX_HOME/batch_rows per model, device kind, dtype and jax."""
+        must fit (shrunk until it does); cached in $M3JAX_HOME/batch_rows per model, device kind, dtype and jax.
+
+        at_most: the rows the caller wants at most (a batch size). When a batch of that many rows (rounded up to the
+        device count) fits, it is the answer, unmeasured: its executable is the one the job runs anyway, so a
+        bucket whose batches fit costs no compile beyond its own."""
         if self._rows_per_device is None:
             self._rows_per_device = self._read_rows_table()
+        ndev = len(self.devices)
+        if length not in self._rows_per_device and at_most is not None and at_most <= MAX_ROWS_PER_DEVICE * ndev:
+            rows = -(-at_most // ndev) * ndev
+            use = accelerators.MemoryUse.of(self.executable(length, rows))
+            if use.in_flight <= accelerators.usable_memory(self.devices[0]):
+                return rows
         if length not in self._rows_per_device:
             self._rows_per_device[length] = self._measure_rows(length)
             self._write_rows_table()

@@ -81,7 +81,7 @@ def test_data_parallel_embed_partitions_on_a_pod():
 def test_rows_per_bucket_come_from_the_compiler(monkeypatch, tmp_path):
     """On an accelerator the rows of a bucket are the most whose executable fits a chip with the headroom to
     spare (here a tiny model on a chip given 64 MiB, so that memory binds); the table is cached per model, chip and
-    dtype, and a new Encoder reads it without compiling."""
+    dtype, and a new Encoder reads it without compiling. A batch size below what fits costs no measuring."""
     monkeypatch.setenv("M3JAX_HOME", str(tmp_path))
     monkeypatch.setitem(accelerators.HBM_GIB, "TPU v5 lite", 1 / 16)
     devices = accelerators.compile_only_devices("v5e:2x2")
@@ -101,6 +101,9 @@ def test_rows_per_bucket_come_from_the_compiler(monkeypatch, tmp_path):
     assert saved["device_kind"] == "TPU v5 lite" and saved["rows_per_device"] == {"512": rows // 4}
     again = Encoder(cfg, None, None, dtype="bfloat16", devices=devices)
     assert again.rows_that_fit(512) == rows and not again.compile_seconds
+    # A batch size that fits is taken as it is: one compile, the batch's own, and nothing measured or cached.
+    assert again.rows_that_fit(256, at_most=6) == 8 and list(again.compile_seconds) == [(256, 8, pipeline.HEADS)]
+    assert json.loads(table.read_text())["rows_per_device"] == {"512": rows // 4}
 
 
 @pytest.mark.parametrize("fsdp", [False, True], ids=["dp", "fsdp"])
@@ -121,3 +124,24 @@ def test_train_step_compiles_on_v5e_2x2_and_fits_with_fsdp(fsdp):
     else:
         assert not check.ok and check.needed > 16 << 30
         assert check.memory.arguments > 6 * 2**30
+
+
+def test_preflight_cli_passes_and_names_what_fails(capsys):
+    """`m3jax preflight` prints one row per shape and exits 0 when all compile and fit; otherwise 1, naming each
+    failing shape. v5e slices of 32 chips and more refuse an executable over one host's chips ("device assignment
+    should include all slice devices"), which is how `m3jax embed` runs each host: preflight says so."""
+    from m3jax.cli import main
+
+    assert main(["preflight", "--target", "v5e:2x2", "--job", "embed", "--model", "tiny", "--lengths", "128,640",
+                 "--max-tokens-per-batch", "16384"]) == 0
+    out = capsys.readouterr().out
+    assert "embed [128 x 128]" in out and "embed [28 x 640]" in out and "2 shape(s)" in out and "0 problem(s)" in out
+    assert main(["preflight", "--target", "v5e:4x8", "--job", "embed", "--model", "tiny", "--lengths", "128",
+                 "--max-tokens-per-batch", "16384"]) == 1
+    captured = capsys.readouterr()
+    assert "COMPILE FAILED" in captured.out
+    assert "embed [128 x 128]: did not compile" in captured.err and "all slice devices" in captured.err
+    assert main(["preflight", "--target", "v5e:4x8", "--job", "embed", "--model", "tiny", "--lengths", "128",
+                 "--max-tokens-per-batch", "16384", "--mesh", "global"]) == 0
+    assert main(["preflight", "--target", "v9:2x2", "--job", "embed"]) == 2
+    assert "expected a TPU topology" in capsys.readouterr().err
