@@ -83,7 +83,8 @@ def main() -> None:
     enc = Encoder(cfg, None, None, dtype=args.dtype, devices=devices)
     plans = {name: plan_job(lengths, shard_size=args.shard_size, window=args.window,
                             window_tokens=args.window_tokens, batch_size=args.batch_size, ndev=ndev,
-                            buckets=b, row_buckets=r, max_rows=enc.batch_rows) for name, (b, r) in settings.items()}
+                            buckets=b, row_buckets=r, max_rows=lambda L: enc.batch_rows(L, args.batch_size))
+             for name, (b, r) in settings.items()}
     # One compile per length met (the rows of a shape barely change its compile time).
     per_length = {}
     for L in sorted({L for plan in plans.values() for L, _ in plan}):

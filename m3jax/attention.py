@@ -49,6 +49,8 @@ HEADS_SCORES, HEADS_ROWS = 4 * 512 * 512, 512
 
 
 SPLASH_BLOCKS = (512, 256, 128)  # splash's block sizes, largest first: the first that divides the length is used
+# TPU generations whose Mosaic compiler rejects splash's bf16 matmuls (E2001, "Unsupported matmul RHS type").
+NO_SPLASH = ("TPU v2", "TPU v3")
 
 
 def platform_in_use() -> str:
@@ -59,12 +61,21 @@ def platform_in_use() -> str:
     return jax.default_backend()
 
 
-def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None) -> str:
-    """Picks an implementation from platform (default platform_in_use()), length and dtype."""
+def device_kind_in_use() -> str | None:
+    """The context mesh's device kind ("TPU v5 lite", ...), else the default backend's first device's."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if not mesh.empty and mesh.abstract_device is not None:
+        return mesh.abstract_device.device_kind
+    return jax.devices()[0].device_kind
+
+
+def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None, device_kind: str | None = None) -> str:
+    """Picks an implementation from platform and device kind (default: those in use, see platform_in_use), length
+    and dtype."""
     backend = backend or platform_in_use()
     if backend in ("gpu", "cuda", "rocm") and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
-    if backend == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0:
+    if backend == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0 and (device_kind or device_kind_in_use()) not in NO_SPLASH:
         return "splash"
     if backend == "cpu":
         return "heads"

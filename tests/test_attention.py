@@ -129,6 +129,7 @@ def test_dispatch_by_backend_length_and_dtype():
     assert choose_impl(1024, jnp.bfloat16, "tpu") == "splash"
     assert choose_impl(100, jnp.float32, "tpu") == "xla"
     assert choose_impl(640, jnp.bfloat16, "tpu") == "splash"
+    assert choose_impl(640, jnp.bfloat16, "tpu", "TPU v3") == "chunked"  # Mosaic rejects splash on v2 and v3
     assert choose_impl(512, jnp.float32, "cpu") == "heads"
     assert choose_impl(8192, jnp.bfloat16, "cpu") == "heads"
     with pytest.raises(ValueError, match="unknown attention impl 'fast'"):
