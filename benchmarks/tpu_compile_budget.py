@@ -74,10 +74,15 @@ def main() -> None:
     ndev, cfg = len(devices), M3Config.bge_m3()
     lengths = sample_lengths(args.mix, args.sample, args.max_length)
     scale = args.passages / args.sample
-    settings = {
+    octaves = tuple(b for b in pipeline.TPU_LENGTH_BUCKETS if b < 128 and b & (b - 1) == 0 or b >= 128 and (
+        b & (b - 1) == 0 or b % 1024 == 0 or b == 384))  # 16, 32, 64, 128, 256, 384, 512, 1024, 2048, 3072, ...
+    settings = {  # (length buckets, the row counts a partial batch rounds up to; () = always the full batch)
         "length buckets, 1.5x row steps": (pipeline.LENGTH_BUCKETS, pipeline.ROW_BUCKETS),
-        "accelerator buckets, 1.5x row steps": (pipeline.TPU_LENGTH_BUCKETS, pipeline.ROW_BUCKETS),
-        "accelerator buckets, 2x row steps": (pipeline.TPU_LENGTH_BUCKETS, pipeline.ACCELERATOR_ROW_BUCKETS),
+        "TPU buckets, 1.5x row steps": (pipeline.TPU_LENGTH_BUCKETS, pipeline.ROW_BUCKETS),
+        "TPU buckets, 2x row steps": (pipeline.TPU_LENGTH_BUCKETS, pipeline.ACCELERATOR_ROW_BUCKETS),
+        "TPU buckets, full batches only": (pipeline.TPU_LENGTH_BUCKETS, ()),
+        "octave buckets, 2x row steps": (octaves, pipeline.ACCELERATOR_ROW_BUCKETS),
+        "octave buckets, full batches only": (octaves, ()),
     }
     # The job's Encoder on one host of the target: rows per batch = min(batch size, what fits a chip's memory).
     enc = Encoder(cfg, None, None, dtype=args.dtype, devices=devices)
@@ -97,14 +102,15 @@ def main() -> None:
     print(f"\n{args.passages:,} {args.mix} (max_length {args.max_length}, mean {lengths.mean():.0f} tokens) on one "
           f"{args.target} host ({ndev} x {devices[0].device_kind}), batch {args.batch_size} rows, "
           f"{args.mfu:.0%} of {args.peak_flops / 1e12:.0f} TFLOP/s per chip")
-    print(f"{'setting':<38} {'shapes':>6} {'padding':>8} {'compile s':>9} {'job s':>9} {'compile/job':>11}")
+    print(f"{'setting':<38} {'shapes':>6} {'padding':>8} {'compile s':>9} {'job s':>9} {'compile/job':>11} "
+          f"{'sum s':>7}")
     for name, plan in plans.items():
         shapes = set(plan)
         compile_s = sum(per_length[L] for L, _ in shapes)
         job_s = forward_flops(cfg, plan) * scale / (args.mfu * args.peak_flops * ndev)
         padded = sum(L * r for L, r in plan)
         print(f"{name:<38} {len(shapes):>6} {padded / real:>8.2f} {compile_s:>9.0f} {job_s:>9.0f} "
-              f"{compile_s / job_s:>11.1%}")
+              f"{compile_s / job_s:>11.1%} {compile_s + job_s:>7.0f}")
 
 
 if __name__ == "__main__":
