@@ -205,6 +205,7 @@ class Encoder:
             self.state = jax.device_put(state, replicated)
         self._compiled: dict = {}
         self._rows_per_device: dict[int, int] | None = None  # rows_that_fit's table, loaded on first use
+        self._batch_fits: dict[tuple[int, int], bool] = {}  # (length, rows) -> whether that batch fits
         # (length, rows, heads), or (length, rows, heads, mcls_interval) with MCLS -> seconds to compile or fetch
         self.compile_seconds: dict[tuple, float] = {}
         self._fingerprint: tuple[Any, str] | None = None  # (the state it was computed from, digest)
@@ -332,8 +333,10 @@ class Encoder:
         ndev = len(self.devices)
         if length not in self._rows_per_device and at_most is not None and at_most <= MAX_ROWS_PER_DEVICE * ndev:
             rows = -(-at_most // ndev) * ndev
-            use = accelerators.MemoryUse.of(self.executable(length, rows))
-            if use.in_flight <= accelerators.usable_memory(self.devices[0]):
+            if (length, rows) not in self._batch_fits:  # asked once per planned batch: decided once
+                use = accelerators.MemoryUse.of(self.executable(length, rows))
+                self._batch_fits[length, rows] = use.in_flight <= accelerators.usable_memory(self.devices[0])
+            if self._batch_fits[length, rows]:
                 return rows
         if length not in self._rows_per_device:
             self._rows_per_device[length] = self._measure_rows(length)
