@@ -197,7 +197,14 @@ def test_compiled_shapes_stay_bounded(ours):
     cpu = pipeline.count_shapes(lengths, batch_size=256, buckets=pipeline.default_length_buckets("cpu"))
     assert (cpu["batches"], cpu["shapes"], cpu["max_shapes_bound"], cpu["padded_tokens"]) == (339, 112, 512, 4_299_780)
     assert ours.engine.length_buckets == pipeline.CPU_LENGTH_BUCKETS  # the CPU encoder's default
-    assert pipeline.default_length_buckets("tpu") == pipeline.default_length_buckets("gpu") == pipeline.LENGTH_BUCKETS
+    assert pipeline.default_length_buckets("gpu") == pipeline.LENGTH_BUCKETS
+    # TPU: from 128 tokens on, multiples of 128 (splash's lengths), the shorter ones as everywhere; 48 lengths.
+    tpu = pipeline.default_length_buckets("tpu")
+    assert tpu == pipeline.TPU_LENGTH_BUCKETS and len(tpu) == 48 and tpu[-1] == 8192
+    assert all(b % 128 == 0 for b in tpu if b >= 128)
+    assert [b for b in tpu if b < 128] == [b for b in pipeline.LENGTH_BUCKETS if b < 128]
+    assert pipeline.default_row_buckets("cpu") == pipeline.ROW_BUCKETS
+    assert pipeline.default_row_buckets("tpu") == pipeline.default_row_buckets("gpu") == tuple(2**i for i in range(16))
     assert set(pipeline.LENGTH_BUCKETS) < set(pipeline.CPU_LENGTH_BUCKETS)
     assert pipeline.length_bucket(7943, pipeline.CPU_LENGTH_BUCKETS) == 8064
     # And what the compiled cache really holds for a varied workload: at most the planned shapes.
