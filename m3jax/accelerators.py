@@ -4,7 +4,7 @@ needed), each device's memory, and how much of it a compiled executable takes.
 
     devices = compile_only_devices("v5e:2x2")                  # 4 TPU v5e chips, one host
     exe = jax.jit(f).lower(...).compile()                        # compiles for them, Mosaic kernels included
-    MemoryUse.of(exe).fits(chip_memory(devices[0]))
+    MemoryUse.of(exe).total <= chip_memory(devices[0])        # per device
 """
 
 from __future__ import annotations

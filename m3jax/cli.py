@@ -178,10 +178,13 @@ def preflight(args) -> int:
         print(f"  {c.name}: {c.compile_s:.1f} s, {c.needed / 2**30:.2f} GiB/device, {'ok' if c.ok else 'PROBLEM'}",
               flush=True)
 
+    embed = args.job == "embed"
+    max_length = args.max_length or (8192 if embed else 512)
+    batch_size = args.batch_size or (256 if embed else 8)
     try:
-        if args.job == "embed":
-            checks = pf.embed_checks(args.target, model=args.model, dtype=args.dtype, max_length=args.max_length,
-                                     batch_size=args.batch_size, lengths=_ints(args.lengths),
+        if embed:
+            checks = pf.embed_checks(args.target, model=args.model, dtype=args.dtype, max_length=max_length,
+                                     batch_size=batch_size, lengths=_ints(args.lengths),
                                      max_tokens_per_batch=args.max_tokens_per_batch,
                                      mcls_interval=args.mcls_interval, mesh=args.mesh, progress=show)
         else:
@@ -190,8 +193,8 @@ def preflight(args) -> int:
 
             config = TrainConfig(data=DataConfig(train_group_size=args.train_group_size,
                                                  query_max_len=args.query_max_len,
-                                                 passage_max_len=args.max_length),
-                                 per_device_batch_size=args.batch_size, bf16=args.dtype == "bfloat16",
+                                                 passage_max_len=max_length),
+                                 per_device_batch_size=batch_size, bf16=args.dtype == "bfloat16",
                                  fsdp=args.fsdp, remat=args.remat,
                                  gradient_accumulation_steps=args.gradient_accumulation_steps)
             checks = train_checks(args.target, config, model=args.model, progress=show)
@@ -210,10 +213,11 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def _add_preflight(sub) -> None:
-    f = sub.add_parser("preflight", help="compile a job for a TPU topology without a TPU (libtpu): per shape, "
-                                         "compile seconds and memory per device against the chip's")
+    f = sub.add_parser("preflight", help="compile a job for a TPU topology or H100s without the device: per shape, "
+                                         "compile seconds and memory per device against the device's")
     f.add_argument("--target", required=True, help="TPU topology, e.g. v5e:2x2 (one host), v5e:16x16 (a pod), "
-                                                   "v5p:2x2x1, v6e:2x2, v3:2x2 (Colab's TPU)")
+                                                   "v5p:2x2x1, v6e:2x2, v5e:1x1 or v2:2x2 (Colab's TPUs); or "
+                                                   "h100 / h100:N (N H100s of one host)")
     f.add_argument("--job", required=True, choices=["embed", "train"])
     f.add_argument("--model", default="bge-m3", help="'bge-m3' (default), 'tiny', or a model directory (its "
                                                       "config.json only: no weights are read)")
@@ -403,10 +407,6 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
-    if args.command == "preflight":
-        embed = args.job == "embed"
-        args.max_length = args.max_length or (8192 if embed else 512)
-        args.batch_size = args.batch_size or (256 if embed else 8)
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, ConversionError, HubUnavailableError, FileNotFoundError) as e:

@@ -32,11 +32,14 @@ class ShapeCheck:
     memory: accelerators.MemoryUse | None  # None when it did not compile
     device_memory: int  # bytes of one device
     error: str = ""  # the compiler's message when it did not compile
+    in_flight: bool = False  # the job holds the previous call's outputs while this one runs (MemoryUse.in_flight)
 
     @property
     def needed(self) -> int:
-        """Bytes per device while running (embed: with the previous batch's outputs still held)."""
-        return 0 if self.memory is None else self.memory.total
+        """Bytes per device while running (with in_flight, the previous call's outputs still held)."""
+        if self.memory is None:
+            return 0
+        return self.memory.in_flight if self.in_flight else self.memory.total
 
     @property
     def ok(self) -> bool:
@@ -52,17 +55,15 @@ class ShapeCheck:
 def timed_check(name: str, length: int, rows_per_device: int, device: Any, compile_fn: Callable[[], Any],
                 in_flight: bool = False) -> ShapeCheck:
     """Runs compile_fn (returns a Compiled) and records its time and memory; a compile error becomes the row's
-    error. in_flight: count the outputs twice (a job that keeps one batch in flight, see MemoryUse.in_flight)."""
+    error. in_flight: a job that keeps one batch in flight (see ShapeCheck.needed)."""
     memory = accelerators.chip_memory(device)
     t0 = time.perf_counter()
     try:
         use = accelerators.MemoryUse.of(compile_fn())
     except Exception as e:  # noqa: BLE001 - any compiler failure is the finding, reported with its shape
         return ShapeCheck(name, length, rows_per_device, time.perf_counter() - t0, None, memory,
-                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}")
-    if in_flight:
-        use = dataclasses.replace(use, outputs=2 * use.outputs)
-    return ShapeCheck(name, length, rows_per_device, time.perf_counter() - t0, use, memory)
+                          f"{type(e).__name__}: {str(e).splitlines()[0][:300]}", in_flight)
+    return ShapeCheck(name, length, rows_per_device, time.perf_counter() - t0, use, memory, in_flight=in_flight)
 
 
 def load_config(model: str | os.PathLike):
