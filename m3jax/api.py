@@ -13,7 +13,7 @@ import numpy as np
 
 from m3jax import checkpoint, hf_compat, scoring
 from m3jax import encode as pipeline
-from m3jax.engine import Encoder, configure_compilation_cache, resolve_devices
+from m3jax.engine import Encoder, configure_compilation_cache, cpu_has_bf16, resolve_devices
 from m3jax.model import BGEM3Model
 
 logger = logging.getLogger("m3jax")
@@ -21,13 +21,27 @@ logger = logging.getLogger("m3jax")
 SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dense")
 
 
+def default_dtype(platform: str, use_fp16: bool, use_bf16: bool) -> str:
+    """The compute dtype FlagEmbedding's use_fp16/use_bf16 select on `platform` (see BGEM3, "dtype")."""
+    if use_bf16:
+        return "bfloat16"
+    if use_fp16 and platform == "cpu" and cpu_has_bf16():
+        logger.info("use_fp16=True on a CPU with bfloat16 instructions: computing in bfloat16 (use_fp16=False or "
+                    "dtype='float32' for float32)")
+        return "bfloat16"
+    return "bfloat16" if use_fp16 and platform != "cpu" else "float32"
+
+
 class BGEM3:
     """BGE-M3 in JAX with FlagEmbedding's BGEM3FlagModel API.
 
     Differences from FlagEmbedding 1.4.2, all deliberate:
-      - dtype: "float32" or "bfloat16". use_fp16/use_bf16 are accepted for compatibility: use_bf16, or use_fp16
-        on an accelerator, selects bfloat16 (XLA has no fp16 path worth taking); on CPU use_fp16 keeps float32,
-        which is what FlagEmbedding ends up computing on CPU too.
+      - dtype: "float32" or "bfloat16". use_fp16/use_bf16 are accepted for compatibility: use_bf16 selects
+        bfloat16, and so does use_fp16 (the default, as in FlagEmbedding) on an accelerator or on a CPU with
+        bfloat16 instructions (AVX512-BF16, AMX, ARM BF16: m3jax.engine.cpu_has_bf16); XLA has no fp16 path worth
+        taking. On other CPUs use_fp16 keeps float32, which is what FlagEmbedding computes on any CPU. bfloat16
+        drifts from float32 (tests/test_model_parity.py::test_bfloat16_drift states the bound); pass
+        use_fp16=False or dtype="float32" for FlagEmbedding's CPU numbers.
       - batching is by length bucket and token budget (see m3jax.encode; `length_buckets` replaces the default
         lengths, e.g. with fewer for TPU); batch_size caps the rows of a batch.
         There is no out-of-memory probe: nothing is computed twice.
@@ -41,6 +55,9 @@ class BGEM3:
       - colbert_score returns a numpy float32 scalar (with torch's .numpy(), .cpu()) rather than a 0-d tensor.
       - `tokenizer` is m3jax's (transformers' calls clients make, no torch); `model` is a torch-like view over
         the NNX module (sizes, `.model.config`, `eval()`), which itself is `nnx_model`. See m3jax.hf_compat.
+      - compilation_cache: False (the default) leaves jax.config as it is; True or a directory turns on JAX's
+        persistent compilation cache for the process (m3jax.configure_compilation_cache), so a new process loads
+        the shapes an earlier one compiled. The `m3jax` command turns it on for itself.
       - encode* take mcls_interval: the paper's multiple CLS for long texts (appendix B.2), which FlagEmbedding
         does not implement (see encode).
     """
@@ -73,7 +90,7 @@ class BGEM3:
         length_buckets: Sequence[int] | None = None,
         attn_impl: str = "auto",
         compiler_options: dict[str, Any] | None = None,
-        compilation_cache: bool | str = True,
+        compilation_cache: bool | str = False,
         show_progress: bool | None = None,
         trust_remote_code: bool = False,  # accepted for compatibility; nothing remote is ever executed
         **kwargs: Any,
@@ -85,8 +102,7 @@ class BGEM3:
         self.kwargs = dict(kwargs)
         devs = resolve_devices(hf_compat.merge_device_kwargs(devices, device))
         if dtype is None:
-            accel = devs[0].platform != "cpu"
-            dtype = "bfloat16" if use_bf16 or (use_fp16 and accel) else "float32"
+            dtype = default_dtype(devs[0].platform, use_fp16, use_bf16)
         self.compilation_cache_dir = configure_compilation_cache(compilation_cache)
         if pooling_method not in ("cls", "mean"):
             raise ValueError(f"pooling_method must be 'cls' or 'mean', got {pooling_method!r}")

@@ -6,21 +6,17 @@ meaningless; callers never read them.
 
 - "xla":     plain einsum + softmax; materialises [B, N, T, T] float32 scores.
 - "chunked": blocked attention with an online softmax (query blocks x key blocks), so at most
-             [B, N, 256, 512] scores live at once; what an 8,192-token document needs on CPU and other backends
-             without a fused kernel, and 4x faster than "xla" there at 4k tokens.
+             [B, N, 256, 512] scores live at once; what an 8,192-token document needs on backends without a
+             fused kernel.
 - "heads":   the CPU default: one head (or a few) per step of a lax.map, its whole [T, T] softmax (beyond 1,024
              tokens, 512-row query blocks against all keys) computed while it sits in cache, normalised after
-             the value product. 2-3x faster than "xla" and "chunked" on CPU (a 2-core x86 at 128-2,048 tokens).
-- "native":  m3jax.native's fused C kernel (CPU, float32; built on first use): flash attention with each tile of
-             scores kept in L2; 1.3-1.9x "heads" at 1 x 8,064 tokens, 2.2x at 16 x 512 (2-core x86). Its gradient
-             is "heads"'s. m3jax.Encoder picks it for float32 inference on one CPU device; "auto" does not (a
-             custom call does not split across devices).
+             the value product, so the scores stay in cache (benchmarks/attention_cpu.py times it).
 - "cudnn":   jax.nn.dot_product_attention with sequence lengths (fused flash attention on NVIDIA GPUs, bf16/fp16).
 - "splash":  Pallas splash attention for TPU (runs in interpret mode elsewhere, for testing); lengths that are a
              multiple of 128, in blocks of the largest of 512, 256, 128 that divides the length.
 
 The platform is that of the devices the code is compiled for: the context mesh's (`jax.set_mesh`, which the
-Encoder, `fit` and `m3jax preflight` set), else JAX's default backend. The kernels ("splash", "cudnn", "native")
+Encoder, `fit` and `m3jax preflight` set), else JAX's default backend. The kernels ("splash", "cudnn")
 are custom calls XLA cannot partition; under a context mesh they run per shard of the batch (`jax.shard_map` over
 the mesh's axes that are not already manual), so a data-parallel batch stays split at any scale.
 """
@@ -34,17 +30,15 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-from m3jax import native
+Impl = Literal["auto", "xla", "chunked", "heads", "cudnn", "splash"]
+IMPLS = ("auto", "xla", "chunked", "heads", "cudnn", "splash")
 
-Impl = Literal["auto", "xla", "chunked", "heads", "native", "cudnn", "splash"]
-IMPLS = ("auto", "xla", "chunked", "heads", "native", "cudnn", "splash")
-
-# Above this length the blocked path is faster on CPU (measured: equal at 512, 2.5x at 1,024, 4x at 4,352 tokens)
-# and, unlike the XLA path, never holds N*T*T*4 bytes of scores (4 GiB per layer at T=8,192, N=16).
+# Above this length the blocked path replaces the XLA one off CPU: it never holds N*T*T*4 bytes of scores (4 GiB per
+# layer at T=8,192, N=16).
 CHUNK_THRESHOLD = 512
-BLOCK_Q, BLOCK_K = 256, 512  # best of the sizes measured on a 2-core x86 CPU at 4,352 tokens
-# "heads": scores of one step at most HEADS_SCORES elements ([G, T, T], G heads); beyond that length, query blocks of
-# HEADS_ROWS rows against every key. Best of those measured (2-core x86, T = 128-8,192, 16 heads of 64).
+BLOCK_Q, BLOCK_K = 256, 512  # "chunked"'s query and key blocks
+# "heads": scores of one step at most HEADS_SCORES elements ([G, T, T], G heads, 4 MiB of float32);
+# beyond that length, query blocks of HEADS_ROWS rows against every key.
 HEADS_SCORES, HEADS_ROWS = 4 * 512 * 512, 512
 
 
@@ -99,16 +93,12 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
     drop = (dropout_rate, dropout_rng) if dropout_rng is not None and dropout_rate > 0 else None
-    if drop is not None and impl in ("auto", "heads", "native", "cudnn", "splash"):
+    if drop is not None and impl in ("auto", "heads", "cudnn", "splash"):
         impl = "chunked" if q.shape[1] > CHUNK_THRESHOLD else "xla"
     elif impl == "auto":
         impl = choose_impl(q.shape[1], q.dtype)
     if impl == "heads":
         return _heads(q, k, v, mask)
-    if impl == "native":
-        if q.dtype != jnp.float32:
-            raise ValueError(f'attention impl "native" takes float32, got {q.dtype}')
-        return _per_shard(_native, q, k, v, mask)
     if impl == "xla":
         return _xla(q, k, v, mask, drop)
     if impl == "chunked":
@@ -157,8 +147,8 @@ def _xla(q, k, v, mask, drop=None):
 
 def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, drop=None):
     """Blocked attention with an online softmax (flash attention's recurrence, in plain XLA): query blocks in
-    lax.map, key blocks in lax.scan, so at most [B, N, block_q, block_k] scores exist at once. (exp2 with log2(e)
-    folded into the scale measured up to 25% faster on CPU, but XLA's exp2 is off by ~10 ulp against exp's 1.)"""
+    lax.map, key blocks in lax.scan, so at most [B, N, block_q, block_k] scores exist at once. (It takes exp, not
+    exp2 with log2(e) folded into the scale: XLA's exp2 is off by ~10 ulp against exp's 1.)"""
     b, t, n, h = q.shape
     if t <= block_q:
         return _xla(q, k, v, mask, drop)
@@ -202,24 +192,6 @@ def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, drop
     return out.transpose(1, 0, 3, 2, 4).reshape(b, t + pq, n, h)[:, :t].astype(v.dtype)
 
 
-@jax.custom_vjp
-def _native(q, k, v, mask):
-    return native.flash_attention(q, k, v, mask)
-
-
-def _native_fwd(q, k, v, mask):
-    return _native(q, k, v, mask), (q, k, v, mask)
-
-
-def _native_bwd(res, g):  # the kernel has no backward: "heads"'s (the same maths, recomputed)
-    q, k, v, mask = res
-    _, vjp = jax.vjp(lambda q, k, v: _heads(q, k, v, mask), q, k, v)
-    return (*vjp(g), None)
-
-
-_native.defvjp(_native_fwd, _native_bwd)
-
-
 def _heads(q, k, v, mask, max_scores: int = HEADS_SCORES, rows: int = HEADS_ROWS):
     """Attention a head at a time (flattened B*N heads, G per lax.map step) so each step's scores stay in cache
     and each matmul is one plain [T, H] x [H, T] product; for long inputs (T * T > max_scores) each head runs
@@ -228,7 +200,7 @@ def _heads(q, k, v, mask, max_scores: int = HEADS_SCORES, rows: int = HEADS_ROWS
 
     Where a step's scores are bounded well inside float32's exp range (see _exp_is_safe), exp is taken of the
     scores as they are, without subtracting each row's max: the same maths with one rounding fewer, and one
-    pass less over the scores (8% of the attention time at 8,192 tokens on a 2-core AMD Zen 3). Other steps
+    pass less over the scores. Other steps
     (large logits, or a row of padding only) take the max-shifted softmax."""
     b, t, n, h = q.shape
     scale = jnp.asarray(1.0 / math.sqrt(h), q.dtype)

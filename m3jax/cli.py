@@ -25,9 +25,8 @@ def demo(args) -> int:
     from m3jax.checkpoint import HubUnavailableError
     from m3jax.embed import EmbeddingReader, embed
     from m3jax.embed.sample import sample_corpus, write_sample_corpus
-    from m3jax.engine import Encoder, configure_compilation_cache
+    from m3jax.engine import Encoder
 
-    configure_compilation_cache()
     label = args.model
     try:
         if args.random:
@@ -250,6 +249,8 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from m3jax.attention import IMPLS
+
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -287,7 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--attn", default="auto", choices=["auto", "xla", "chunked", "heads", "native", "cudnn", "splash"])
+    b.add_argument("--attn", default="auto", choices=list(IMPLS))
     b.add_argument("--repeat", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--peak-flops", type=float, default=None, help="stated peak FLOP/s for the fraction")
@@ -407,6 +408,9 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    from m3jax.engine import configure_compilation_cache
+
+    configure_compilation_cache()  # the command's own process: every shape it compiles is kept for the next run
     try:
         return args.func(args)
     except (CheckpointError, ConfigError, ConversionError, HubUnavailableError, FileNotFoundError) as e:

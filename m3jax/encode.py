@@ -32,9 +32,8 @@ logger = logging.getLogger("m3jax")
 LENGTH_BUCKETS = tuple(sorted({2**k * m // 4 for k in range(4, 11) for m in (4, 5, 6, 7)}
                              | set(range(2048, 8193, 256))))
 # On CPU a bucket compiles in about a second and a long document's forward takes a minute or more, so past 2,048
-# tokens every 128 (at most 6% padding, 13% of attention): 7,943 tokens pad to 8,064, not 8,192, and that forward
-# ran 7% faster (2 full-width layers, 2-core AMD Zen 3). On accelerators, where compiling costs more than the
-# padding, the coarser LENGTH_BUCKETS stay.
+# tokens every 128 (at most 6% padding, 13% of attention): 7,943 tokens pad to 8,064, not 8,192. On accelerators,
+# where compiling costs more than the padding, the coarser LENGTH_BUCKETS stay.
 CPU_LENGTH_BUCKETS = tuple(sorted(set(LENGTH_BUCKETS) | set(range(2048, 8193, 128))))
 # On TPU every length from 128 on is a multiple of 128, what the splash kernel takes (shorter ones run XLA's
 # attention), so no bucket falls back to a slower attention; 48 lengths.

@@ -9,21 +9,23 @@ executables, batch planning, and encode as a generator over batches (streaming) 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from m3jax import accelerators, blas, native
+from m3jax import accelerators
 from m3jax import encode as pipeline
 from m3jax._io import cache_root
 from m3jax.checkpoint import load_pretrained
@@ -34,13 +36,11 @@ from m3jax.tokenizer import Tokenizer
 logger = logging.getLogger("m3jax")
 
 # XLA's CPU dots: its default library (YNNPACK) is the faster for attention's small per-head products, Eigen (the
-# other one it ships) for the model's large projections, which dominate up to about 1,024 tokens. Measured with
-# benchmarks/forward_vs_torch.py (2-core x86, 2 full-width layers), Eigen over YNNPACK: 16x512 1.08x, 8x1024 1.07x,
-# 4x2048 0.93x, 1x8192 0.75x.
-# With the projections on OpenBLAS (m3jax.blas) only attention's products are left to XLA; Eigen's are then the
-# faster up to 512 tokens and YNNPACK's beyond (same benchmark, 2 layers: 16x512 3.61 s vs 3.74, 8x1024 4.53 vs 4.34).
+# other one it ships) for the model's large projections, which dominate short inputs. So buckets up to
+# CPU_EIGEN_MAX_LENGTH tokens compile with Eigen's dots and the feed-forward in column blocks (BGEM3Model's
+# projections "split"), longer ones with XLA's defaults. Chosen by benchmarks/forward_vs_torch.py on more than one CPU
+# type (benchmarks/RESULTS.md); compiler_options={} turns it off.
 CPU_EIGEN_MAX_LENGTH = 1024
-CPU_BLAS_EIGEN_MAX_LENGTH = 512
 CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # Rows per device of the first compile that sizes a bucket on an accelerator (Encoder.rows_that_fit): this many
 # tokens, the rest is extrapolated from its memory analysis and checked by a second compile.
@@ -48,30 +48,15 @@ PROBE_TOKENS = 16384
 MAX_ROWS_PER_DEVICE = 4096
 
 
-def use_cpu_blas(platform: str, dtype: Any, num_devices: int = 1) -> bool:
-    """Whether an encoder on `platform` runs its projections through OpenBLAS (BGEM3Model's projections "blas"):
-    float32 inference on one CPU device, with scipy-openblas32 installed and M3JAX_CPU_BLAS not "0"."""
-    return platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and blas.available()
-
-
-def use_native_attention(platform: str, dtype: Any, num_devices: int = 1) -> bool:
-    """Whether an encoder on `platform` runs attention through m3jax.native's fused kernel (attention impl
-    "native"): float32 inference on one CPU device, with a C compiler to build it and M3JAX_NATIVE not "0"."""
-    return platform == "cpu" and jnp.dtype(dtype) == jnp.float32 and num_devices == 1 and native.available()
-
-
-def default_compiler_options(platform: str, length: int, cpu_blas: bool = False) -> dict[str, Any]:
+def default_compiler_options(platform: str, length: int) -> dict[str, Any]:
     """The XLA options an executable for padded `length` gets when the user passes none: on CPU Eigen's dots up to
-    CPU_EIGEN_MAX_LENGTH (CPU_BLAS_EIGEN_MAX_LENGTH with cpu_blas), XLA's defaults otherwise."""
-    limit = CPU_BLAS_EIGEN_MAX_LENGTH if cpu_blas else CPU_EIGEN_MAX_LENGTH
-    return dict(CPU_EIGEN_DOTS) if platform == "cpu" and length <= limit else {}
+    CPU_EIGEN_MAX_LENGTH, XLA's defaults otherwise."""
+    return dict(CPU_EIGEN_DOTS) if platform == "cpu" and length <= CPU_EIGEN_MAX_LENGTH else {}
 
 
-def projections(platform: str, options: dict[str, Any], cpu_blas: bool = False) -> str:
-    """BGEM3Model's `projections` for an executable compiled with `options`: "blas" with cpu_blas; on CPU with
-    Eigen's dots "split" (its up-projection is faster in column blocks); else "xla"."""
-    if cpu_blas:
-        return "blas"
+def projections(platform: str, options: dict[str, Any]) -> str:
+    """BGEM3Model's `projections` for an executable compiled with `options`: on CPU with Eigen's dots "split" (its
+    up-projection is faster in column blocks); else "xla"."""
     eigen = platform == "cpu" and options.get("xla_cpu_experimental_ynn_fusion_type") == ""
     return "split" if eigen else "xla"
 
@@ -79,21 +64,23 @@ def projections(platform: str, options: dict[str, Any], cpu_blas: bool = False) 
 class CompilePlan(NamedTuple):
     options: dict[str, Any]  # XLA compiler options
     projections: str  # BGEM3Model's projections
-    attn_impl: str  # BGEM3Model's attn_impl where the user chose "auto"
 
 
-def compile_plan(platform: str, length: int, cpu_blas: bool = False, options: dict[str, Any] | None = None,
-                 native_attention: bool = False) -> CompilePlan:
+def compile_plan(platform: str, length: int, options: dict[str, Any] | None = None) -> CompilePlan:
     """How Encoder compiles an executable of padded `length`: `options` as given, or default_compiler_options when
-    None; projections to match (see `projections`); attention "native" with native_attention, else "auto"."""
+    None, and the projections to match (see `projections`)."""
     if options is None:
-        options = default_compiler_options(platform, length, cpu_blas)
-    return CompilePlan(options, projections(platform, options, cpu_blas), "native" if native_attention else "auto")
+        options = default_compiler_options(platform, length)
+    return CompilePlan(options, projections(platform, options))
 
 
 def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str | None:
-    """Turns on JAX's persistent compilation cache (default `$M3JAX_HOME/jax_cache`), unless the user already
-    configured one or passed False. Returns the directory in use."""
+    """Turns on JAX's persistent compilation cache for the whole process (default `$M3JAX_HOME/jax_cache`), unless
+    the user already configured one or passed False, and caches every executable however fast it compiled
+    (`jax_persistent_cache_min_compile_time_secs` 0). Returns the directory in use.
+
+    Opt-in: the `m3jax` command calls it for its own process; BGEM3(compilation_cache=...) and
+    fit(compilation_cache=...) call it when asked; constructing a model never changes jax.config otherwise."""
     current = jax.config.jax_compilation_cache_dir
     if cache is False:
         return current
@@ -105,6 +92,37 @@ def configure_compilation_cache(cache: bool | str | os.PathLike = True) -> str |
     # A bucket compiles in about a second on CPU, under JAX's default 1 s threshold: cache every one.
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     return path
+
+
+# /proc/cpuinfo flags of CPUs with bfloat16 dot-product instructions: x86's AVX512-BF16 and AMX-BF16, ARM's BF16.
+BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16", "bf16"})
+
+
+def cpu_bf16_flags(cpuinfo: str) -> set[str]:
+    """The BF16_CPU_FLAGS among a /proc/cpuinfo text's "flags" (x86) or "Features" (ARM) lines."""
+    found = set()
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            found |= BF16_CPU_FLAGS.intersection(value.split())
+    return found
+
+
+@functools.cache
+def cpu_has_bf16() -> bool:
+    """Whether this host's CPU has bfloat16 dot-product instructions (see BF16_CPU_FLAGS; macOS: sysctl's
+    hw.optional.arm.FEAT_BF16), which is where bfloat16 is worth computing in on CPU."""
+    if sys.platform == "darwin":
+        try:
+            out = subprocess.run(["sysctl", "-n", "hw.optional.arm.FEAT_BF16"], capture_output=True, text=True,
+                                 timeout=10).stdout
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return out.strip() == "1"
+    try:
+        return bool(cpu_bf16_flags(Path("/proc/cpuinfo").read_text()))
+    except OSError:
+        return False
 
 
 def resolve_devices(devices: Any) -> list:
@@ -140,8 +158,7 @@ class Encoder:
       config, params, tokenizer_dir: what m3jax.checkpoint.load_params returns.
       dtype: "float32" or "bfloat16" compute (parameters cast at load).
       devices: see resolve_devices; rows of a batch are split over them.
-      attn_impl: see m3jax.attention; "auto" is "native" (m3jax.native's kernel) for float32 on one CPU device
-        where it builds (use_native_attention).
+      attn_impl: see m3jax.attention ("auto" chooses by platform, length and dtype).
       length_buckets: padded lengths (default m3jax.encode.default_length_buckets(platform): finer past 2,048
         tokens on CPU); the largest must hold the model's longest input.
       max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)). None (the
@@ -184,10 +201,6 @@ class Encoder:
         self.max_tokens_per_batch = max_tokens_per_batch
         self.pooling, self.normalize, self.truncate_dim = pooling, normalize, truncate_dim
         self.compiler_options = None if compiler_options is None else dict(compiler_options)
-        # float32 on one CPU device: the projections through OpenBLAS (m3jax.blas), 1.1-1.2x the forward here.
-        self.cpu_blas = use_cpu_blas(self.platform, self.dtype, len(self.devices))
-        # ... and attention through m3jax.native's fused kernel (a 2-layer forward 1.23x faster at 1 x 8,064 tokens).
-        self.native_attention = use_native_attention(self.platform, self.dtype, len(self.devices))
         # Executables are lowered under this mesh (jax.set_mesh): attention dispatches by its platform and runs its
         # kernels per device's rows (m3jax.attention).
         self.mesh = jax.sharding.Mesh(np.array(self.devices), ("data",))
@@ -419,10 +432,7 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            options, proj, attn = compile_plan(self.platform, length, self.cpu_blas, self.compiler_options,
-                                               self.native_attention)
-            if self.attn_impl == "auto":
-                static["attn_impl"] = attn
+            options, proj = compile_plan(self.platform, length, self.compiler_options)
             with jax.set_mesh(self.mesh):
                 lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static,
                                                      projections=proj)

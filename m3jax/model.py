@@ -14,14 +14,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3jax import blas
 from m3jax.attention import attention
 from m3jax.config import M3Config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # How the dense projections run (BGEM3Model's `projections`): "xla" as XLA compiles them; "split", the feed-forward
-# up-projection in column blocks; "blas", through OpenBLAS (m3jax.blas, CPU inference). m3jax.engine chooses.
-PROJECTIONS = ("xla", "split", "blas")
+# up-projection in column blocks. m3jax.engine chooses.
+PROJECTIONS = ("xla", "split")
 
 
 class ModelOutputs(NamedTuple):
@@ -61,13 +60,6 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype,
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
-
-
-def project(linear: nnx.Linear, x: jax.Array, projections: str) -> jax.Array:
-    """linear(x), or with projections "blas" the same product through OpenBLAS (float32) plus the bias."""
-    if projections != "blas":
-        return linear(x)
-    return blas.matmul(x, linear.kernel[...]) + linear.bias[...]
 
 
 def _layer_norm(dim: int, cfg: M3Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -111,11 +103,10 @@ class SelfAttention(nnx.Module):
         self.num_heads = cfg.num_heads
         self.dropout_rate = cfg.attention_probs_dropout_prob
 
-    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None,
-                 projections: str = "xla") -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None) -> jax.Array:
         """x [B, T, D], mask [B, T] -> context [B, T, D]."""
         b, t, d = x.shape
-        heads = lambda lin: project(lin, x, projections).reshape(b, t, self.num_heads, -1)  # noqa: E731  [B, T, N, H]
+        heads = lambda lin: lin(x).reshape(b, t, self.num_heads, -1)  # noqa: E731  [B, T, N, H]
         ctx = attention(heads(self.query), heads(self.key), heads(self.value), mask, impl=impl,
                         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
         return ctx.reshape(b, t, d)
@@ -129,9 +120,8 @@ class Output(nnx.Module):
         self.LayerNorm = _layer_norm(cfg.hidden_size, cfg, rngs)
         self.dropout_rate = cfg.hidden_dropout_prob
 
-    def __call__(self, h: jax.Array, residual: jax.Array, dropout_rng: jax.Array | None = None,
-                 projections: str = "xla") -> jax.Array:
-        y = project(self.dense, h, projections).astype(jnp.float32)
+    def __call__(self, h: jax.Array, residual: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
+        y = self.dense(h).astype(jnp.float32)
         return self.LayerNorm(dropout(y, self.dropout_rate, dropout_rng) + residual)
 
 
@@ -148,7 +138,7 @@ class Intermediate(nnx.Module):
     def __call__(self, x: jax.Array, projections: str = "xla") -> jax.Array:
         """projections "split": column blocks of at most hidden-size outputs (see BGEM3Model's projections)."""
         if projections != "split":
-            return jax.nn.gelu(project(self.dense, x, projections), approximate=False)  # exact erf, as torch's
+            return jax.nn.gelu(self.dense(x), approximate=False)  # exact erf, as torch's
         kernel, bias = self.dense.kernel[...], self.dense.bias[...]
         x, kernel, bias = self.dense.promote_dtype((x, kernel, bias), dtype=self.dense.dtype)
         d, f = kernel.shape
@@ -171,8 +161,8 @@ class Layer(nnx.Module):
         """x [B, T, D] float32 residual stream -> [B, T, D] float32. dropout_rng: None at inference."""
         r = [None] * 3 if dropout_rng is None else list(jax.random.split(dropout_rng, 3))
         h = x.astype(self.dtype)
-        x = self.attention.output(self.attention.self(h, mask, impl, r[0], projections), x, r[1], projections)
-        return self.output(self.intermediate(x.astype(self.dtype), projections), x, r[2], projections)
+        x = self.attention.output(self.attention.self(h, mask, impl, r[0]), x, r[1])
+        return self.output(self.intermediate(x.astype(self.dtype), projections), x, r[2])
 
 
 class Encoder(nnx.Module):
@@ -232,10 +222,8 @@ class BGEM3Model(nnx.Module):
             states at the marked positions instead of position 0's. Only with pooling "cls".
           projections: how the dense projections run, one of PROJECTIONS (m3jax.engine.projections chooses).
             "split": each feed-forward up-projection ([T, D] x [D, 4D]) as four [D, D] column blocks, the same
-            sums, and 1.4x faster under Eigen's CPU matmul (measured on a 2-core AMD Zen 3: 79 GFLOP/s as one
-            product, 113-118 in blocks; XLA's default YNNPACK dots are not faster in blocks). "blas": every
-            projection of the encoder and the ColBERT head through OpenBLAS (m3jax.blas; float32 CPU inference,
-            no gradient).
+            sums, faster under Eigen's CPU matmul than one product (XLA's default YNNPACK dots are not faster in
+            blocks; benchmarks/RESULTS.md).
         Returns ModelOutputs.
         """
         if pooling not in ("cls", "mean"):
@@ -256,7 +244,7 @@ class BGEM3Model(nnx.Module):
         else:
             dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
         sparse = jax.nn.relu(self.sparse_linear(hc).astype(jnp.float32))[..., 0]
-        colbert = project(self.colbert_linear, hc[:, 1:], projections).astype(jnp.float32) * mask[:, 1:, None]
+        colbert = self.colbert_linear(hc[:, 1:]).astype(jnp.float32) * mask[:, 1:, None]
         if truncate_dim is not None:
             dense, colbert = dense[..., :truncate_dim], colbert[..., :truncate_dim]
         if normalize:

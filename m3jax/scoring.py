@@ -41,7 +41,7 @@ ID_DTYPES = (jnp.dtype(jnp.int32), jnp.dtype(jnp.int64))
 
 DENSE_CHUNK = 8192
 LEXICAL_CHUNK = 2048
-LEXICAL_QUERY_BLOCK = 16  # measured on CPU: cost ~ Q*P*(block*Kq) for the matmul + Q/block passes over the ids
+LEXICAL_QUERY_BLOCK = 16  # cost ~ Q*P*(block*Kq) for the matmul + Q/block passes over the ids
 COLBERT_CHUNK = 64
 COLBERT_QUERY_BLOCK = 16
 

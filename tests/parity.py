@@ -25,7 +25,7 @@ import torch
 from flax import nnx
 
 from m3jax.checkpoint import load_params
-from m3jax.engine import compile_plan, use_cpu_blas, use_native_attention
+from m3jax.engine import compile_plan
 from m3jax.model import forward, model_from_params
 
 ABS_TOL = 1e-5
@@ -69,18 +69,13 @@ def flag_outputs_float64(fe, batch) -> dict[str, np.ndarray]:
 
 
 def m3jax_outputs(path, batch, dtype="float32", attn_impl="auto"):
-    """m3jax's forward compiled as m3jax.Encoder compiles a bucket of this length: on CPU in float32 the projections
-    through OpenBLAS (m3jax.blas) where scipy-openblas32 is installed and attention through m3jax.native's kernel
-    where it builds (for attn_impl "auto"), XLA's other dots Eigen's up to 512 tokens; without OpenBLAS, Eigen's
-    dots up to 1,024 tokens (as close to float64 as PyTorch's; XLA's default YNNPACK dots measured 2-3x further
-    off) with the feed-forward in column blocks."""
+    """m3jax's forward compiled as m3jax.Encoder compiles a bucket of this length: on CPU Eigen's dots up to
+    CPU_EIGEN_MAX_LENGTH tokens with the feed-forward in column blocks, XLA's defaults beyond."""
     cfg, params, _ = load_params(path)
     graphdef, state = nnx.split(model_from_params(cfg, params, dtype=dtype))
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     platform = jax.default_backend()
-    options, proj, attn = compile_plan(platform, ids.shape[1], use_cpu_blas(platform, dtype), None,
-                                       use_native_attention(platform, dtype))
-    attn_impl = attn if attn_impl == "auto" else attn_impl
+    options, proj = compile_plan(platform, ids.shape[1])
     lowered = forward.lower(graphdef, state, ids, mask, attn_impl=attn_impl, projections=proj)
     out = lowered.compile(options or None)(state, ids, mask)
     return cfg, {k: np.asarray(v) for k, v in out._asdict().items()}
@@ -90,6 +85,24 @@ def real_outputs(out, mask) -> dict[str, np.ndarray]:
     """Each output over real tokens only (padding positions are not outputs): per-token ones indexed by the mask."""
     real = mask.astype(bool)
     return {k: out[k][real] if k in ("last_hidden_state", "sparse") else out[k] for k in OUTPUTS}
+
+
+# m3jax in bfloat16 against FlagEmbedding in float32 (the drift README and BGEM3's docstring state): the dense
+# vectors' cosine at least this, every user-visible output within this absolute difference. bfloat16 keeps 8 bits of
+# mantissa; these bounds hold a 2-layer and the full 24-layer random model alike.
+BF16_MIN_DENSE_COSINE = 0.999
+BF16_MAX_ABS = 0.1
+
+
+def check_bf16_drift(ours, ref, mask) -> dict[str, float]:
+    """Asserts BF16_MIN_DENSE_COSINE and BF16_MAX_ABS for bfloat16 outputs against float32 ones; returns the
+    measured drift."""
+    cos = (ours["dense"] * ref["dense"]).sum(-1)  # both unit vectors
+    drift = {"min_dense_cosine": float(cos.min()), **{k: v for k, v in max_diffs(ours, ref, mask).items()
+                                                       if k in USER_OUTPUTS}}
+    assert drift["min_dense_cosine"] >= BF16_MIN_DENSE_COSINE, drift
+    assert all(drift[k] <= BF16_MAX_ABS for k in USER_OUTPUTS), drift
+    return drift
 
 
 def max_diffs(ours, ref, mask) -> dict[str, float]:

@@ -22,7 +22,7 @@ def tiny(release_dirs):
 
 @pytest.fixture(scope="module")
 def ours(tiny):
-    return BGEM3(tiny, compilation_cache=False)
+    return BGEM3(tiny, use_fp16=False)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_encode_queries_and_corpus_with_instructions(tiny, flag_model_factory):
 
     kw = dict(query_instruction_for_retrieval="Represent: ", query_instruction_format="{}\\n{}",
               passage_instruction_for_retrieval="Passage: ", query_max_length=16, passage_max_length=24)
-    o = BGEM3(tiny, compilation_cache=False, **kw)
+    o = BGEM3(tiny, use_fp16=False, **kw)
     r = FlagEmbedding.BGEM3FlagModel(str(tiny), use_fp16=False, devices="cpu", **kw)
     heads = dict(return_sparse=True, return_colbert_vecs=True)
     assert_encode_equal(o.encode_queries(TEXTS, **heads), r.encode_queries(TEXTS, **heads))
@@ -117,7 +117,7 @@ def test_compute_score_zero_floor_matches_flagembedding(release_dirs, flag_model
     from m3jax import scoring
 
     path = release_dirs["tiny_spread_colbert"]
-    o, r = BGEM3(path, compilation_cache=False), flag_model_factory(path)
+    o, r = BGEM3(path, use_fp16=False), flag_model_factory(path)
     pairs = [(q, p) for q in SENTENCES[:6] for p in ["", "a", SENTENCES[9], long_text(40, seed=2)]]
     q = o.encode_padded([a for a, _ in pairs])
     p = o.encode_padded([b for _, b in pairs])
@@ -250,11 +250,47 @@ def test_flag_alias_and_compilation_cache(tiny, tmp_path):
     assert BGEM3FlagModel is BGEM3
     jax.config.update("jax_compilation_cache_dir", None)
     try:
-        m = BGEM3FlagModel(tiny, compilation_cache=str(tmp_path / "jc"), use_fp16=True)
+        m = BGEM3FlagModel(tiny, compilation_cache=str(tmp_path / "jc"), use_fp16=False)
         assert m.compilation_cache_dir == str(tmp_path / "jc") == jax.config.jax_compilation_cache_dir
-        assert m.dtype == np.float32  # use_fp16 on CPU keeps float32, as FlagEmbedding does on CPU
+        assert m.dtype == np.float32
     finally:
         jax.config.update("jax_compilation_cache_dir", None)
+
+
+def test_constructing_a_model_leaves_jax_config_alone(tiny):
+    """The persistent compilation cache is opt-in: BGEM3 and Encoder with their defaults, and an encode, change
+    no jax.config value (the cache directory, its minimum compile time, anything else)."""
+    from m3jax.engine import Encoder
+
+    before = dict(jax.config.values)
+    m = BGEM3(tiny, use_fp16=False)
+    m.encode(["one text"], max_length=16)
+    Encoder.from_pretrained(tiny)
+    after = dict(jax.config.values)
+    assert {k: (before.get(k), v) for k, v in after.items() if before.get(k) != v} == {}
+    assert m.compilation_cache_dir == before["jax_compilation_cache_dir"]
+
+
+def test_use_fp16_selects_bfloat16_where_the_cpu_has_it(monkeypatch):
+    """use_fp16 (FlagEmbedding's default) computes in bfloat16 on an accelerator and on a CPU with bfloat16
+    instructions, float32 on other CPUs; use_bf16 always bfloat16; neither, float32. The CPU's instructions are
+    read from /proc/cpuinfo's flags (x86) or Features (ARM)."""
+    from m3jax import api, engine
+
+    zen3 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\n"
+    sapphire_rapids = "flags\t\t: avx2 avx512f avx512_bf16 amx_bf16 amx_tile\n"
+    neoverse = "Features\t: fp asimd sve bf16 i8mm\n"
+    assert engine.cpu_bf16_flags(zen3) == set()
+    assert engine.cpu_bf16_flags(sapphire_rapids) == {"avx512_bf16", "amx_bf16"}
+    assert engine.cpu_bf16_flags(neoverse) == {"bf16"}
+    assert engine.cpu_bf16_flags("model name\t: bf16 in a name is not a flag\n") == set()
+    for has in (False, True):
+        monkeypatch.setattr(api, "cpu_has_bf16", lambda has=has: has)
+        assert api.default_dtype("cpu", use_fp16=True, use_bf16=False) == ("bfloat16" if has else "float32")
+        assert api.default_dtype("cpu", use_fp16=False, use_bf16=False) == "float32"
+        assert api.default_dtype("cpu", use_fp16=False, use_bf16=True) == "bfloat16"
+        assert api.default_dtype("tpu", use_fp16=True, use_bf16=False) == "bfloat16"
+        assert api.default_dtype("gpu", use_fp16=False, use_bf16=False) == "float32"
 
 
 def test_compiler_options_reach_every_executable(release_dirs):
@@ -273,17 +309,14 @@ def test_compiler_options_reach_every_executable(release_dirs):
 
 
 def test_cpu_buckets_get_their_dot_library(release_dirs):
-    """With no compiler_options, a CPU bucket up to CPU_EIGEN_MAX_LENGTH (CPU_BLAS_EIGEN_MAX_LENGTH where the
-    projections go to OpenBLAS) compiles with Eigen's dots (no YNNPACK fusion in its executable) and a longer one
-    with XLA's own defaults; outputs agree within float32 rounding."""
-    from m3jax.engine import CPU_BLAS_EIGEN_MAX_LENGTH, CPU_EIGEN_MAX_LENGTH, Encoder, default_compiler_options
+    """With no compiler_options, a CPU bucket up to CPU_EIGEN_MAX_LENGTH compiles with Eigen's dots (no YNNPACK
+    fusion in its executable) and a longer one with XLA's own defaults; outputs agree within float32 rounding."""
+    from m3jax.engine import CPU_EIGEN_MAX_LENGTH, Encoder, default_compiler_options
 
     if jax.default_backend() != "cpu":
         pytest.skip("the per-length dot library is a CPU default")
-    assert default_compiler_options("cpu", CPU_EIGEN_MAX_LENGTH) and not default_compiler_options("cpu", 1025)
-    blas_limit = CPU_BLAS_EIGEN_MAX_LENGTH
-    assert default_compiler_options("cpu", blas_limit, True) and not default_compiler_options("cpu", blas_limit + 1,
-                                                                                               True)
+    assert default_compiler_options("cpu", CPU_EIGEN_MAX_LENGTH)
+    assert not default_compiler_options("cpu", CPU_EIGEN_MAX_LENGTH + 1)
     assert default_compiler_options("gpu", 64) == {} == default_compiler_options("tpu", 64)
     enc = Encoder.from_pretrained(release_dirs["tiny"], length_buckets=(64, 8192))
     short, long = enc.executable(64, 2).as_text(), enc.executable(2048, 1).as_text()

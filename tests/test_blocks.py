@@ -136,7 +136,7 @@ def test_heads(blocks):
 def test_split_feed_forward_is_the_same_sums(release_dirs):
     """The feed-forward up-projection in column blocks (what Encoder compiles with Eigen's CPU dots) gives the
     unsplit forward's outputs, on a config whose intermediate width (80) is not a multiple of the hidden (48);
-    and Encoder splits exactly when it compiles with Eigen's dots and does not use OpenBLAS."""
+    and Encoder splits exactly when it compiles with Eigen's dots."""
     from m3jax.engine import CPU_EIGEN_DOTS, compile_plan, default_compiler_options, projections
     from m3jax.model import forward
 
@@ -151,9 +151,8 @@ def test_split_feed_forward_is_the_same_sums(release_dirs):
     assert projections("cpu", default_compiler_options("cpu", 512)) == "split"
     assert projections("cpu", default_compiler_options("cpu", 2048)) == "xla"  # YNNPACK's: not faster in blocks
     assert projections("gpu", default_compiler_options("gpu", 512)) == "xla"
-    assert projections("cpu", default_compiler_options("cpu", 512, cpu_blas=True), cpu_blas=True) == "blas"
     # compile_plan, what Encoder, tests/parity.py and the benchmark compile with: m3jax's options or the user's.
-    assert compile_plan("cpu", 512) == (CPU_EIGEN_DOTS, "split", "auto")
-    assert compile_plan("cpu", 4096, cpu_blas=True, native_attention=True) == ({}, "blas", "native")
-    assert compile_plan("cpu", 4096, options=CPU_EIGEN_DOTS) == (CPU_EIGEN_DOTS, "split", "auto")  # the user's
-    assert compile_plan("gpu", 512, options={}) == ({}, "xla", "auto")
+    assert compile_plan("cpu", 512) == (CPU_EIGEN_DOTS, "split")
+    assert compile_plan("cpu", 4096) == ({}, "xla")
+    assert compile_plan("cpu", 4096, options=CPU_EIGEN_DOTS) == (CPU_EIGEN_DOTS, "split")  # the user's
+    assert compile_plan("gpu", 512, options={}) == ({}, "xla")

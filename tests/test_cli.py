@@ -44,7 +44,7 @@ def test_demo_offline_embeds_the_sample_and_queries_it(tmp_path):
     # Every printed score is what BGEM3 computes for that query and text (ColBERT vectors are stored as float16).
     corpus = {x["id"]: x["text"] for x in sample_corpus()}
     ids = list(corpus)
-    m = BGEM3(model_dir, show_progress=False)
+    m = BGEM3(model_dir, use_fp16=False, show_progress=False)
     kw = dict(return_dense=True, return_sparse=True, return_colbert_vecs=True)
     q = m.encode(["What is the capital of Germany?"], max_length=64, **kw)
     p = m.encode([corpus[i] for i in ids], **kw)

@@ -28,7 +28,7 @@ def narrow(release_dirs):
 
 @pytest.fixture(scope="module")
 def ours(narrow):
-    return BGEM3FlagModel(narrow, use_fp16=False, devices="cpu", compilation_cache=False)
+    return BGEM3FlagModel(narrow, use_fp16=False, devices="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -59,17 +59,17 @@ def test_constructor_keywords_as_flagembedding(narrow, flag, caplog):
              (dict(device=0), jax.local_devices()[:1])]  # an int: FlagEmbedding's cuda:<i>, the default backend's
     for kw, want in forms:
         assert _resolve_devices(merge_device_kwargs(kw.get("devices"), kw.get("device"))) == want, kw
-    m = BGEM3FlagModel(model_name_or_path=narrow, use_fp16=False, compilation_cache=False,
+    m = BGEM3FlagModel(model_name_or_path=narrow, use_fp16=False,
                        device=torch.device("cpu", 0))  # the whole constructor, with what pyterrier_dr passes
     assert m.devices == first and m.device == torch.device("cpu", 0)
     with pytest.raises(ValueError, match="'tpu:7'"):
-        BGEM3FlagModel(narrow, device="tpu:7", compilation_cache=False)
+        BGEM3FlagModel(narrow, device="tpu:7")
 
     # Unknown keywords: FlagEmbedding sets them as attributes and ignores them; m3jax too, with one warning.
     extra = dict(device="cpu", foo=3, convert_to_numpy=True, tokenizer_kwargs={"x": 1})
     ref = FlagEmbedding.BGEM3FlagModel(str(narrow), use_fp16=False, devices="cpu", colbert_dim=COLBERT_DIM, **extra)
     with caplog.at_level(logging.WARNING, logger="m3jax"):
-        m = BGEM3FlagModel(str(narrow), use_fp16=False, devices="cpu", compilation_cache=False, encode="x",
+        m = BGEM3FlagModel(str(narrow), use_fp16=False, devices="cpu", encode="x",
                            tokenizer=None, **extra)
     warnings = [r.getMessage() for r in caplog.records if "unused keyword" in r.getMessage()]
     assert len(warnings) == 1 and all(k in warnings[0] for k in ("foo=3", "convert_to_numpy", "tokenizer_kwargs"))

@@ -37,7 +37,7 @@ def model_dir():
 
 @pytest.fixture(scope="module")
 def ref(model_dir):
-    m = BGEM3(model_dir, length_buckets=BUCKETS, batch_size=4, show_progress=False)
+    m = BGEM3(model_dir, use_fp16=False, length_buckets=BUCKETS, batch_size=4, show_progress=False)
     return m.encode_padded(TEXTS, max_length=64)
 
 

@@ -18,7 +18,7 @@ import json, resource, sys
 import numpy as np
 from m3jax.api import BGEM3
 texts = json.load(open(sys.argv[2], encoding="utf-8"))
-m = BGEM3(sys.argv[1], compilation_cache=False, show_progress=False)
+m = BGEM3(sys.argv[1], use_fp16=False, show_progress=False)
 out = m.encode(texts, max_length=8000, return_dense=True, return_sparse=True, return_colbert_vecs=True)
 own = out["dense_vecs"].nbytes + sum(v.nbytes for v in out["colbert_vecs"]) + 8 * sum(map(len, out["lexical_weights"]))
 # VmHWM, not ru_maxrss: a child's ru_maxrss starts from its parent's (pytest's) peak across fork + exec.

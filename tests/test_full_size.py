@@ -8,7 +8,7 @@ import pytest
 from m3jax.config import M3Config
 from m3jax.testing import write_random_release
 from tests.helpers import SENTENCES, long_text
-from tests.parity import check_parity, flag_outputs, flag_outputs_float64, m3jax_outputs
+from tests.parity import check_bf16_drift, check_parity, flag_outputs, flag_outputs_float64, m3jax_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -39,3 +39,7 @@ def test_full_size_forward_matches_flagembedding(full_release, record_property):
     print(f"\nfull size: {report}")
     assert (ref["sparse"][mask.astype(bool)] > 0).mean() > 0.01
     assert np.abs(ref["last_hidden_state"]).max() > 0.1
+    _, bf16 = m3jax_outputs(full_release, batch, dtype="bfloat16")  # 24 layers of bfloat16 rounding
+    drift = check_bf16_drift(bf16, ref, mask)
+    record_property("bf16_drift", drift)
+    print(f"full size, bfloat16 drift: {drift}")

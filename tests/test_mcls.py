@@ -25,7 +25,7 @@ def tiny(release_dirs):
 
 @pytest.fixture(scope="module")
 def ours(tiny):
-    return BGEM3(tiny, compilation_cache=False, show_progress=False)
+    return BGEM3(tiny, use_fp16=False, show_progress=False)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_limits_and_bad_options(ours):
     for bad in (0, -3, True, 2.5, "256"):
         with pytest.raises(ValueError, match=r"mcls_interval must be a positive int"):
             ours.encode_padded(["x"], mcls_interval=bad)
-    mean = BGEM3(ours.model_name_or_path, pooling_method="mean", compilation_cache=False)
+    mean = BGEM3(ours.model_name_or_path, pooling_method="mean", use_fp16=False)
     with pytest.raises(ValueError, match=r"needs pooling 'cls'.*'mean'"):
         mean.encode(["x"], mcls_interval=256)
     out = ours.encode_queries(SENTENCES[:2], mcls_interval=I, return_sparse=True)  # the keyword on every encode
@@ -197,7 +197,7 @@ def test_embed_option_and_resume(tmp_path):
     embed(str(src), model_dir, tmp_path / "plain", shard_size=5, window=5, **SET)
     r, p = EmbeddingReader(tmp_path / "mcls"), EmbeddingReader(tmp_path / "plain")
     assert "mcls_interval" not in p.manifest["settings"]  # plain jobs keep the key they had before MCLS
-    ref = BGEM3(model_dir, length_buckets=BUCKETS, batch_size=4, show_progress=False).encode_padded(
+    ref = BGEM3(model_dir, use_fp16=False, length_buckets=BUCKETS, batch_size=4, show_progress=False).encode_padded(
         EMBED_TEXTS, max_length=80, mcls_interval=16)
     lengths = r.lengths()
     np.testing.assert_array_equal(lengths, ref.lengths)

@@ -19,7 +19,7 @@ import json, sys
 import jax
 from m3jax.api import BGEM3
 texts = json.loads(sys.argv[2])
-m = BGEM3(sys.argv[1], compilation_cache=False, batch_size=3)
+m = BGEM3(sys.argv[1], use_fp16=False, batch_size=3)
 assert len(m.devices) == 4, m.devices
 r = m.encode_padded(texts)
 shardings = {str(v.sharding) for v in jax.tree_util.tree_leaves(m.state)}
@@ -39,7 +39,7 @@ def test_four_devices_match_one(release_dirs):
     multi = json.loads(r.stdout.splitlines()[-1])
     assert all(rows % 4 == 0 for rows in multi["rows"])  # every batch splits evenly over the devices
     assert any("NamedSharding" in s for s in multi["shardings"])
-    one = BGEM3(path, compilation_cache=False, batch_size=3).encode_padded(TEXTS)
+    one = BGEM3(path, use_fp16=False, batch_size=3).encode_padded(TEXTS)
     assert np.abs(np.array(multi["dense"]) - one.dense).max() <= 1e-6
     np.testing.assert_array_equal(np.array(multi["ids"]), one.sparse_ids)
     assert np.abs(np.array(multi["w"]) - one.sparse_weights).max() <= 1e-6
@@ -58,7 +58,7 @@ ref = np.asarray(attention(q, k, v, mask, impl="xla"))
 mesh = jax.sharding.Mesh(np.array(jax.devices()), ("data",))
 rows = NamedSharding(mesh, P("data"))
 out = {}
-for impl in ("native", "splash"):
+for impl in ("splash",):
     f = jax.jit(lambda q, k, v, m: attention(q, k, v, m, impl=impl))
     with jax.set_mesh(mesh):
         args = jax.device_put((q, k, v, mask), rows)
@@ -72,7 +72,7 @@ print(json.dumps(out))
 
 def test_kernels_run_per_device_rows():
     """Custom-call attention kernels under a 4-device mesh run on each device's rows (shard_map; no all-gather of
-    the batch) and give the single-device result: the native C kernel, and splash (Pallas, interpret mode on CPU)."""
+    the batch) and give the single-device result: splash (Pallas, interpret mode on CPU)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     r = subprocess.run([sys.executable, "-c", KERNELS], capture_output=True, text=True, env=env, timeout=600)

@@ -24,7 +24,7 @@ MODES = ("dense", "sparse", "colbert")
 
 
 def recall_at_1(model, passages, queries) -> dict[str, float]:
-    m = BGEM3(model, compilation_cache=False)
+    m = BGEM3(model, use_fp16=False)
     P, Q = m.encode_padded(passages, max_length=40), m.encode_padded(queries, max_length=24)
     index = CorpusIndex(dense=P.dense, sparse_ids=P.sparse_ids, sparse_weights=P.sparse_weights, colbert=P.colbert,
                         colbert_mask=P.colbert_mask)

@@ -144,7 +144,7 @@ class FitResult:
 def fit(model: str | os.PathLike, data: str | Sequence[str], output_dir: str | os.PathLike,
         config: TrainConfig | None = None, *, until_step: int | None = None, devices: Any = None,
         coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None,
-        compilation_cache: bool | str = True) -> FitResult:
+        compilation_cache: bool | str = False) -> FitResult:
     """Fine-tunes `model` (m3jax or release directory, or hub id) on `data` (JSON-lines files, directories or
     fsspec URLs in FlagEmbedding's format) and writes output_dir (see the module docstring); resumes from
     output_dir's latest checkpoint when there is one.
@@ -155,6 +155,9 @@ def fit(model: str | os.PathLike, data: str | Sequence[str], output_dir: str | o
     devices: the mesh's devices (default: all of every process). coordinator, num_processes, process_id:
     multi-host, as `m3jax embed` (m3jax.embed.distributed.initialize; also from $M3JAX_COORDINATOR etc., and
     automatic on Cloud TPU pod slices); each process reads the stream and keeps its own rows of each batch.
+
+    compilation_cache: True or a directory turns on JAX's persistent compilation cache for the process
+    (m3jax.configure_compilation_cache; `m3jax train` does); False (the default) leaves jax.config as it is.
     """
     from m3jax.embed.distributed import initialize
     from m3jax.engine import configure_compilation_cache
