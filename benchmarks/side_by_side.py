@@ -7,7 +7,8 @@
 Each engine runs in its own process, one at a time, so peak RSS is its own; engines are alternated and the whole
 round repeated (--repeats, default 3), and every figure is reported as the median with its spread (min-max): a
 single run varies by +-30% on a shared 2-core machine. All compute all three outputs (dense, lexical weights,
-ColBERT vectors) in float32 unless named -bf16. Figures:
+ColBERT vectors) in float32 unless named -bf16 (m3jax in bfloat16, as use_fp16 selects on a CPU with bfloat16
+instructions; its ratio to FlagEmbedding is reported only on such a CPU). Figures:
   end to end   what a user sees for encode() in a fresh process: tokenise, batch, forward, build outputs
                (m3jax: first call includes compiling or loading from the persistent cache; FlagEmbedding: includes
                its batch-size probe, a repeated forward of the longest batch);
@@ -290,7 +291,14 @@ def report(results: list[dict]) -> str:
             rss = _stats([r["peak_rss_gb"] for r in rs])[0]
             med[name, "rss"] = rss
             lines.append(f"  {name:<11}{len(rs):>5}" + "".join(f"{c:>24}" for c in cells) + f"{rss:>9.2f}G")
-        for ours in ("m3jax", "m3jax-warm"):
+        from m3jax.engine import cpu_has_bf16
+
+        if "m3jax-bf16" in runs and not cpu_has_bf16():
+            lines.append("  m3jax-bf16 / flag: not reported, this CPU has no bfloat16 instructions (AVX512-BF16, AMX, "
+                         "ARM BF16), so bfloat16 is not what m3jax computes in here")
+        for ours in ("m3jax", "m3jax-warm", "m3jax-bf16"):
+            if ours == "m3jax-bf16" and not cpu_has_bf16():
+                continue
             for base in ("flag", "ort"):
                 if ours in runs and base in runs:
                     ratios = [f"{k.removesuffix('_s')} {med[ours, k] / med[base, k]:.2f}x"
