@@ -1,11 +1,11 @@
 #!/usr/bin/env python
-"""CPU attention alone: m3jax's XLA paths ("heads", the CPU default, and "chunked") against PyTorch's fused SDPA, in
+"""CPU attention alone: m3jax's XLA paths ("tiled", the CPU default, and "chunked") against PyTorch's fused SDPA, in
 one process on the same q, k, v (16 heads of 64, as BGE-M3), alternated and repeated.
 
     python benchmarks/attention_cpu.py                             # 1 x 8,064 and 16 x 512 tokens, logit scales 1, 3
     python benchmarks/attention_cpu.py --workloads 1x4096 --scales 1 --repeats 5
 
-q, k, v are standard normal times --scales: at 1 every head's Cauchy-Schwarz bound lets "heads" take exp without
+q, k, v are standard normal times --scales: at 1 every head's Cauchy-Schwarz bound lets "tiled" take exp without
 the max shift; at 3 (logits of standard deviation 9, up to ~50) it may not, and takes its shifted softmax.
 Figures: median seconds (min-max over --repeats) and GFLOP/s (4·B·T²·N·H).
 """
@@ -31,7 +31,7 @@ def main() -> None:
     from m3jax.attention import attention
     from m3jax.bench import alternated, print_alternated
 
-    impls = ["heads", "chunked"]
+    impls = ["tiled", "chunked"]
     print(f"jax {jax.__version__}, torch {torch.__version__} ({torch.get_num_threads()} threads)")
     n, h = 16, 64
     for w in args.workloads.split(","):

@@ -23,8 +23,10 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 import numpy as np  # noqa: E402
 
-from m3jax import accelerators  # noqa: E402
-from m3jax import encode as pipeline  # noqa: E402
+from m3jax import (
+    accelerators,  # noqa: E402
+    pipeline,  # noqa: E402
+)
 from m3jax.bench import forward_flops  # noqa: E402
 from m3jax.config import M3Config  # noqa: E402
 from m3jax.embed.planner import split_by_tokens  # noqa: E402

@@ -5,7 +5,9 @@
     out = model.encode(texts, return_sparse=True, return_colbert_vecs=True)
 """
 
-from m3jax import scoring
+import sys
+
+from m3jax import pipeline, scoring
 from m3jax.api import BGEM3, BGEM3FlagModel
 from m3jax.checkpoint import (
     CheckpointError,
@@ -16,11 +18,15 @@ from m3jax.checkpoint import (
     save_m3jax,
 )
 from m3jax.config import ConfigError, M3Config
-from m3jax.encode import EncodeResult
 from m3jax.engine import Encoder, configure_compilation_cache
 from m3jax.index import CorpusIndex
 from m3jax.model import BGEM3Model, ModelOutputs, forward, init_model, model_from_params
+from m3jax.pipeline import EncodeResult
 from m3jax.weights import ConversionError
+
+# The encode pipeline's module was m3jax.encode before it was named for what its callers call it; the old name is
+# the same module.
+encode = sys.modules["m3jax.encode"] = pipeline
 
 __all__ = [
     "BGEM3",
@@ -42,6 +48,7 @@ __all__ = [
     "init_model",
     "load_params",
     "model_from_params",
+    "pipeline",
     "save_m3jax",
     "scoring",
 ]

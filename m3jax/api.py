@@ -11,8 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jax import checkpoint, hf_compat, scoring
-from m3jax import encode as pipeline
+from m3jax import checkpoint, hf_compat, pipeline, scoring
 from m3jax.engine import Encoder, configure_compilation_cache, cpu_has_bf16, resolve_devices
 from m3jax.model import BGEM3Model
 
@@ -42,7 +41,7 @@ class BGEM3:
         taking. On other CPUs use_fp16 keeps float32, which is what FlagEmbedding computes on any CPU. bfloat16
         drifts from float32 (tests/test_model_parity.py::test_bfloat16_drift states the bound); pass
         use_fp16=False or dtype="float32" for FlagEmbedding's CPU numbers.
-      - batching is by length bucket and token budget (see m3jax.encode; `length_buckets` replaces the default
+      - batching is by length bucket and token budget (see m3jax.pipeline; `length_buckets` replaces the default
         lengths, e.g. with fewer for TPU); batch_size caps the rows of a batch.
         There is no out-of-memory probe: nothing is computed twice.
       - keywords: as FlagEmbedding, the constructor accepts any keyword (an unknown one is set as an attribute

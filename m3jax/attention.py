@@ -8,7 +8,7 @@ meaningless; callers never read them.
 - "chunked": blocked attention with an online softmax (query blocks x key blocks), so at most
              [B, N, 256, 512] scores live at once; what an 8,192-token document needs on backends without a
              fused kernel.
-- "heads":   the CPU default: one head (or a few) per step of a lax.map, its whole [T, T] softmax (beyond 1,024
+- "tiled":   the CPU default: one head (or a few) per step of a lax.map, its whole [T, T] softmax (beyond 1,024
              tokens, 512-row query blocks against all keys) computed while it sits in cache, normalised after
              the value product, so the scores stay in cache (benchmarks/attention_cpu.py times it).
 - "cudnn":   jax.nn.dot_product_attention with sequence lengths (fused flash attention on NVIDIA GPUs, bf16/fp16).
@@ -30,16 +30,18 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
-Impl = Literal["auto", "xla", "chunked", "heads", "cudnn", "splash"]
-IMPLS = ("auto", "xla", "chunked", "heads", "cudnn", "splash")
+Impl = Literal["auto", "xla", "chunked", "tiled", "cudnn", "splash"]
+IMPLS = ("auto", "xla", "chunked", "tiled", "cudnn", "splash")
+# Earlier names, still accepted: "heads" was "tiled" (a word the output heads already use).
+ALIASES = {"heads": "tiled"}
 
 # Above this length the blocked path replaces the XLA one off CPU: it never holds N*T*T*4 bytes of scores (4 GiB per
 # layer at T=8,192, N=16).
 CHUNK_THRESHOLD = 512
 BLOCK_Q, BLOCK_K = 256, 512  # "chunked"'s query and key blocks
-# "heads": scores of one step at most HEADS_SCORES elements ([G, T, T], G heads, 4 MiB of float32);
-# beyond that length, query blocks of HEADS_ROWS rows against every key.
-HEADS_SCORES, HEADS_ROWS = 4 * 512 * 512, 512
+# "tiled": scores of one step at most TILE_SCORES elements ([G, T, T], G heads, 4 MiB of float32);
+# beyond that length, query blocks of TILE_ROWS rows against every key.
+TILE_SCORES, TILE_ROWS = 4 * 512 * 512, 512
 
 
 SPLASH_BLOCKS = (512, 256, 128)  # splash's block sizes, largest first: the first that divides the length is used
@@ -72,7 +74,7 @@ def choose_impl(seq_len: int, dtype: jnp.dtype, backend: str | None = None, devi
     if backend == "tpu" and seq_len % SPLASH_BLOCKS[-1] == 0 and (device_kind or device_kind_in_use()) not in NO_SPLASH:
         return "splash"
     if backend == "cpu":
-        return "heads"
+        return "tiled"
     return "chunked" if seq_len > CHUNK_THRESHOLD else "xla"
 
 
@@ -83,22 +85,23 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl
     Args:
       q, k, v: [B, T, N, H].
       mask: [B, T] bool, True for real tokens; padding is on the right (XLM-R's default).
-      impl: one of IMPLS; "auto" chooses by backend, length and dtype.
+      impl: one of IMPLS (or ALIASES); "auto" chooses by backend, length and dtype.
       dropout_rate, dropout_rng: dropout on the attention probabilities (training); with a key and a positive
         rate, the XLA path (or the blocked one, for long inputs) is used whatever impl says, since the fused
-        kernels and "heads" take no dropout.
+        kernels and "tiled" take no dropout.
     Returns:
       [B, T, N, H] in v.dtype.
     """
+    impl = ALIASES.get(impl, impl)
     if impl not in IMPLS:
         raise ValueError(f"unknown attention impl {impl!r}; expected one of {IMPLS}")
     drop = (dropout_rate, dropout_rng) if dropout_rng is not None and dropout_rate > 0 else None
-    if drop is not None and impl in ("auto", "heads", "cudnn", "splash"):
+    if drop is not None and impl in ("auto", "tiled", "cudnn", "splash"):
         impl = "chunked" if q.shape[1] > CHUNK_THRESHOLD else "xla"
     elif impl == "auto":
         impl = choose_impl(q.shape[1], q.dtype)
-    if impl == "heads":
-        return _heads(q, k, v, mask)
+    if impl == "tiled":
+        return _tiled(q, k, v, mask)
     if impl == "xla":
         return _xla(q, k, v, mask, drop)
     if impl == "chunked":
@@ -192,7 +195,7 @@ def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, drop
     return out.transpose(1, 0, 3, 2, 4).reshape(b, t + pq, n, h)[:, :t].astype(v.dtype)
 
 
-def _heads(q, k, v, mask, max_scores: int = HEADS_SCORES, rows: int = HEADS_ROWS):
+def _tiled(q, k, v, mask, max_scores: int = TILE_SCORES, rows: int = TILE_ROWS):
     """Attention a head at a time (flattened B*N heads, G per lax.map step) so each step's scores stay in cache
     and each matmul is one plain [T, H] x [H, T] product; for long inputs (T * T > max_scores) each head runs
     query blocks of about `rows` rows against all its keys. The softmax is normalised after the value product

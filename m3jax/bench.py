@@ -114,7 +114,7 @@ def print_alternated(title: str, times: dict[str, list[float]], flops: float, re
 def run(args) -> dict:
     import jax
 
-    from m3jax import encode as pipeline
+    from m3jax import pipeline
     from m3jax.api import BGEM3
 
     t0 = time.perf_counter()

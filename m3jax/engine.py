@@ -25,8 +25,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from m3jax import accelerators
-from m3jax import encode as pipeline
+from m3jax import accelerators, pipeline
 from m3jax._io import cache_root
 from m3jax.checkpoint import load_pretrained
 from m3jax.config import M3Config
@@ -152,17 +151,17 @@ def resolve_devices(devices: Any) -> list:
 
 class Encoder:
     """A BGE-M3 model placed on devices (data-parallel over several), with one compiled executable per bucket
-    shape [rows, length] and the batch planner of m3jax.encode.
+    shape [rows, length] and the batch planner of m3jax.pipeline.
 
     Args:
       config, params, tokenizer_dir: what m3jax.checkpoint.load_params returns.
       dtype: "float32" or "bfloat16" compute (parameters cast at load).
       devices: see resolve_devices; rows of a batch are split over them.
       attn_impl: see m3jax.attention ("auto" chooses by platform, length and dtype).
-      length_buckets: padded lengths (default m3jax.encode.default_length_buckets(platform): finer past 2,048
+      length_buckets: padded lengths (default m3jax.pipeline.default_length_buckets(platform): finer past 2,048
         tokens on CPU); the largest must hold the model's longest input.
       max_tokens_per_batch: token budget of one batch (rows = min(batch_size, budget // length)). None (the
-        default): m3jax.encode.DEFAULT_MAX_TOKENS on CPU; on an accelerator the rows that fit each device's memory
+        default): m3jax.pipeline.DEFAULT_MAX_TOKENS on CPU; on an accelerator the rows that fit each device's memory
         (rows_that_fit: measured from the compiler's memory analysis, cached per model, device kind and dtype).
       pooling, normalize, truncate_dim: FlagEmbedding's pooling_method, normalize_embeddings, truncate_dim.
       compiler_options: XLA options for every executable (`jax.stages.Lowered.compile(compiler_options=...)`),
@@ -301,7 +300,7 @@ class Encoder:
                              f"inserted <s>, more than the {limit} the model takes; use max_length <= {fits}")
 
     def insert_cls(self, ids: Sequence[np.ndarray], mcls_interval: int | None) -> list[np.ndarray]:
-        """Token ids with MCLS's `<s>` inserted (m3jax.encode.insert_cls); unchanged for None."""
+        """Token ids with MCLS's `<s>` inserted (m3jax.pipeline.insert_cls); unchanged for None."""
         if mcls_interval is None:
             return list(ids)
         self.check_mcls(2, mcls_interval)
@@ -314,7 +313,7 @@ class Encoder:
         return out
 
     def plan(self, lengths: np.ndarray, *, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
-        """(bucket length, rows, indices) per batch, longest first (see m3jax.encode.plan_batches); rows are a
+        """(bucket length, rows, indices) per batch, longest first (see m3jax.pipeline.plan_batches); rows are a
         multiple of the device count, at most batch_rows(length)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")

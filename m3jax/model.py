@@ -165,7 +165,9 @@ class Layer(nnx.Module):
         return self.output(self.intermediate(x.astype(self.dtype), projections), x, r[2])
 
 
-class Encoder(nnx.Module):
+class TransformerStack(nnx.Module):
+    """The L encoder layers, stored stacked and run with lax.scan (BGEM3Model.encoder, transformers' `encoder`)."""
+
     def __init__(self, cfg: M3Config, dtype, rngs: nnx.Rngs):
         @nnx.split_rngs(splits=cfg.num_layers)
         @nnx.vmap(in_axes=(0,), out_axes=0)
@@ -200,7 +202,7 @@ class BGEM3Model(nnx.Module):
         self.config = cfg
         self.dtype = dtype
         self.embeddings = Embeddings(cfg, dtype, rngs)
-        self.encoder = Encoder(cfg, dtype, rngs)
+        self.encoder = TransformerStack(cfg, dtype, rngs)
         self.colbert_linear = _linear(cfg.hidden_size, cfg.colbert_dim, dtype, rngs)
         self.sparse_linear = _linear(cfg.hidden_size, 1, dtype, rngs)
 
@@ -218,7 +220,7 @@ class BGEM3Model(nnx.Module):
           normalize: L2-normalise dense and ColBERT vectors (FlagEmbedding's normalize_embeddings).
           truncate_dim: keep only the first dims of dense and ColBERT vectors, before normalising.
           dropout_rng: a PRNG key turns on dropout at the config's rates (training); None (inference) is exact.
-          cls_mask: [B, T] bool, multiple CLS (MCLS, see m3jax.encode.insert_cls): dense is the mean of the hidden
+          cls_mask: [B, T] bool, multiple CLS (MCLS, see m3jax.pipeline.insert_cls): dense is the mean of the hidden
             states at the marked positions instead of position 0's. Only with pooling "cls".
           projections: how the dense projections run, one of PROJECTIONS (m3jax.engine.projections chooses).
             "split": each feed-forward up-projection ([T, D] x [D, 4D]) as four [D, D] column blocks, the same

@@ -17,8 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jax import accelerators
-from m3jax import encode as pipeline
+from m3jax import accelerators, pipeline
 
 
 @dataclasses.dataclass(frozen=True)

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from m3jax import encode as pipeline
+from m3jax import pipeline
 from m3jax.api import BGEM3, BGEM3FlagModel
 from tests.helpers import SENTENCES, long_text, mixed
 

@@ -47,9 +47,9 @@ LONG = [(700, [700, 300]), (1024, [1024, 1]), (1300, [1300, 513]), (2049, [2049,
 SHORT = [(7, [7, 2, 0]), (64, [64, 3]), (512, [512, 100])]  # chunked is the xla path up to 512 tokens
 
 
-@pytest.mark.parametrize("impl,t,lengths", [("chunked", *c) for c in LONG] + [("heads", *c) for c in SHORT + LONG])
+@pytest.mark.parametrize("impl,t,lengths", [("chunked", *c) for c in LONG] + [("tiled", *c) for c in SHORT + LONG])
 def test_blocked_paths_match_xla(t, lengths, impl):
-    """Every length regime of both blocked paths ("heads": several heads per step up to 1,024 tokens, query row
+    """Every length regime of both blocked paths ("tiled": several heads per step up to 1,024 tokens, query row
     blocks beyond; a row of padding only, as batches of filler rows have, stays finite)."""
     q, k, v, mask = inputs(len(lengths), t, 4, 32, lengths)
     ref = attention(q, k, v, mask, impl="xla")
@@ -61,8 +61,8 @@ def test_blocked_paths_match_xla(t, lengths, impl):
 
 
 @pytest.mark.parametrize("t,scale", [(300, 2.0), (300, 4.0), (1300, 2.0), (1300, 4.0)])
-def test_heads_softmax_without_and_with_the_max_shift(t, scale):
-    """"heads" takes exp of the raw scores where a head's Cauchy-Schwarz bound allows it (scale 2 here: logits
+def test_tiled_softmax_without_and_with_the_max_shift(t, scale):
+    """"tiled" takes exp of the raw scores where a head's Cauchy-Schwarz bound allows it (scale 2 here: logits
     up to ~30), the max-shifted softmax where it does not (scale 4: the bound passes EXP_SAFE_LOG, so unshifted
     scores could overflow exp) and for a head of padding only; both are held to the XLA path's closeness to float64,
     in both length regimes."""
@@ -74,9 +74,17 @@ def test_heads_softmax_without_and_with_the_max_shift(t, scale):
     safe = np.asarray(_exp_is_safe(flat(q / np.sqrt(32)), flat(k), flat(v), bias)).reshape(3, 4)
     assert not safe[2].any()  # no real key: shifted, so the filler row averages instead of dividing 0 by 0
     assert safe[:2].all() if scale == 2.0 else not safe.any()
-    out = attention(q, k, v, mask, impl="heads")
+    out = attention(q, k, v, mask, impl="tiled")
     assert bool(jnp.isfinite(out).all())
     assert_as_close_to_float64_as_xla(out, attention(q, k, v, mask, impl="xla"), truth(q, k, v, mask), mask)
+
+
+def test_earlier_impl_name_still_works():
+    """"heads", the tiled path's earlier name, is the same implementation; an unknown name says what exists."""
+    q, k, v, mask = inputs(2, 96, 4, 32, [96, 40])
+    np.testing.assert_array_equal(attention(q, k, v, mask, impl="heads"), attention(q, k, v, mask, impl="tiled"))
+    with pytest.raises(ValueError, match="unknown attention impl 'native'; expected one of"):
+        attention(q, k, v, mask, impl="native")
 
 
 def test_chunked_never_builds_full_score_matrix():
@@ -108,11 +116,11 @@ def test_bfloat16_inputs_keep_float32_softmax():
     q, k, v, mask = inputs(2, 600, 4, 32, [600, 200], dtype=jnp.bfloat16, scale=1.0)
     ref = attention(q.astype(jnp.float32), k.astype(jnp.float32), v.astype(jnp.float32), mask, impl="xla")
     errs = {}
-    for impl in ("xla", "chunked", "heads"):
+    for impl in ("xla", "chunked", "tiled"):
         out = attention(q, k, v, mask, impl=impl)
         assert out.dtype == jnp.bfloat16
         errs[impl] = max_err_on_real_rows(out, ref, mask)
-    assert max(errs["chunked"], errs["heads"]) <= max(2 * errs["xla"], 0.02), errs
+    assert max(errs["chunked"], errs["tiled"]) <= max(2 * errs["xla"], 0.02), errs
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs an NVIDIA GPU")
@@ -130,8 +138,8 @@ def test_dispatch_by_backend_length_and_dtype():
     assert choose_impl(100, jnp.float32, "tpu") == "xla"
     assert choose_impl(640, jnp.bfloat16, "tpu") == "splash"
     assert choose_impl(640, jnp.bfloat16, "tpu", "TPU v3") == "chunked"  # Mosaic rejects splash on v2 and v3
-    assert choose_impl(512, jnp.float32, "cpu") == "heads"
-    assert choose_impl(8192, jnp.bfloat16, "cpu") == "heads"
+    assert choose_impl(512, jnp.float32, "cpu") == "tiled"
+    assert choose_impl(8192, jnp.bfloat16, "cpu") == "tiled"
     with pytest.raises(ValueError, match="unknown attention impl 'fast'"):
         attention(*inputs(1, 8, 1, 4, [8]), impl="fast")
 

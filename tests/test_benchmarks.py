@@ -98,5 +98,5 @@ def test_attention_benchmark_times_every_path(tmp_path):
     r = run(["benchmarks/attention_cpu.py", "--workloads", "2x40", "--scales", "1,3", "--repeats", "1"], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  ")]
-    assert [x[0] for x in rows] == ["heads", "chunked", "torch"] * 2
+    assert [x[0] for x in rows] == ["tiled", "chunked", "torch"] * 2
     assert all(float(x[1].rstrip("s")) > 0 for x in rows)

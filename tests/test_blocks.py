@@ -95,7 +95,7 @@ def test_one_layer(blocks, layer):
     _check(f"layer {layer}", got, r[torch.float32], r[torch.float64], real)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "heads"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "tiled"])
 def test_layer_stack(blocks, impl):
     cfg, ours, hf32, hf64, _, batch = blocks
     x, mask = _hidden(cfg, batch, seed=9), batch["attention_mask"]
@@ -107,14 +107,14 @@ def test_layer_stack(blocks, impl):
     _check(f"layer stack ({impl})", got, r[torch.float32], r[torch.float64], real)
 
 
-def test_heads(blocks):
+def test_tiled(blocks):
     """Each head on the same hidden states: FlagEmbedding's maths with the release's float16 head weights."""
     cfg, ours, _, _, heads, batch = blocks
     h = _hidden(cfg, batch, seed=4)
     mask = batch["attention_mask"].numpy()
     real = mask.astype(bool)
 
-    def torch_heads(dt):
+    def torch_tiled(dt):
         ht = _torch(h, dt)
         lin = {k: (v["weight"].to(dt), v["bias"].to(dt)) for k, v in heads.items()}
         dense = torch.nn.functional.normalize(ht[:, 0], dim=-1)
@@ -122,7 +122,7 @@ def test_heads(blocks):
         colbert = (ht[:, 1:] @ lin["colbert_linear"][0].T + lin["colbert_linear"][1]) * _torch(mask[:, 1:, None], dt)
         return dense.numpy(), sparse.numpy(), torch.nn.functional.normalize(colbert, dim=-1).numpy()
 
-    r32, r64 = torch_heads(torch.float32), torch_heads(torch.float64)
+    r32, r64 = torch_tiled(torch.float32), torch_tiled(torch.float64)
     hj = jnp.asarray(h, jnp.float32)
     dense = l2_normalize(hj[:, 0])
     sparse = jax.nn.relu(ours.sparse_linear(hj))[..., 0]

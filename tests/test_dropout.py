@@ -55,7 +55,7 @@ def test_zero_rates_with_a_key_are_exact(batch):
                                   forward(graphdef, state, ids, mask).dense)
 
 
-@pytest.mark.parametrize("impl", ["xla", "chunked", "heads"])
+@pytest.mark.parametrize("impl", ["xla", "chunked", "tiled"])
 def test_attention_dropout(impl):
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 700, 2, 8)), jnp.float32) for _ in range(3))

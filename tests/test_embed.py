@@ -15,7 +15,7 @@ import pyarrow as pa  # the embed extra is part of the test extra: missing it mu
 import pyarrow.parquet as pq
 import pytest
 
-from m3jax import encode as pipeline
+from m3jax import pipeline
 from m3jax.api import BGEM3
 from m3jax.embed import EmbeddingReader, EmbedError, InputError, embed
 from m3jax.embed.planner import padding_ratio

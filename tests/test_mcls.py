@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from m3jax import encode as pipeline
+from m3jax import pipeline
 from m3jax.api import BGEM3
 from m3jax.embed import EmbeddingReader, EmbedError, embed
 from tests.helpers import SENTENCES, long_text

@@ -10,8 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from m3jax import accelerators
-from m3jax import encode as pipeline
+from m3jax import accelerators, pipeline
 from m3jax.attention import attention, choose_impl, splash_block
 from m3jax.config import M3Config
 from m3jax.engine import Encoder

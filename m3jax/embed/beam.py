@@ -29,7 +29,7 @@ try:
 except ImportError as e:  # the module is the optional part: say which extra it needs
     raise ImportError("m3jax.embed.beam needs Apache Beam: pip install -e '.[beam]'") from e
 
-from m3jax import encode as pipeline
+from m3jax import pipeline
 from m3jax.embed import job, writer
 from m3jax.embed.planner import plan_windows
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jax import encode as pipeline
+from m3jax import pipeline
 from m3jax.embed import distributed, writer
 from m3jax.embed.planner import ShardEnd, Window, plan_windows
 from m3jax.embed.sources import InputError, Rows, resolve_inputs

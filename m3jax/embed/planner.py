@@ -21,7 +21,7 @@ class Window:
     lengths: np.ndarray  # [n] int64 token counts (the texts' own: without MCLS's inserted <s>)
     truncated: np.ndarray  # [n] bool
     empty: int  # rows whose text is ""
-    batches: list  # m3jax.encode.Batch, indices into this window
+    batches: list  # m3jax.pipeline.Batch, indices into this window
 
     @property
     def n(self) -> int:
@@ -71,7 +71,7 @@ def plan_windows(encoder, shard: int, start: int, rows: list, *, max_length: int
 def padding_ratio(lengths: np.ndarray, *, window: int, batch_size: int, max_tokens: int,
                   buckets=None) -> float:
     """Padded / real tokens when texts of these lengths are planned in windows of `window` texts (no model)."""
-    from m3jax import encode as pipeline
+    from m3jax import pipeline
 
     buckets = buckets or pipeline.LENGTH_BUCKETS
     padded = sum(L * rows for s in range(0, len(lengths), window)

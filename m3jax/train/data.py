@@ -20,7 +20,7 @@ process reads the same stream and takes its own slice of each global batch (batc
 processes always agree on the batch count; a last, incomplete global batch is dropped and counted (`dropped`).
 
 Shapes: a batch is q_ids/q_mask [B, Lq], p_ids/p_mask [B·G, Lp] (each query's G passages together, positive first),
-teacher_scores [B, G]; Lq and Lp are the smallest length buckets (m3jax.encode.LENGTH_BUCKETS, capped at the max
+teacher_scores [B, G]; Lq and Lp are the smallest length buckets (m3jax.pipeline.LENGTH_BUCKETS, capped at the max
 lengths) holding the longest text, so a run compiles at most len(bucket_lengths(q)) · len(bucket_lengths(p)) times.
 The loss reproduces the reference's own padding where it matters (see m3jax.train.loss).
 """
@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from m3jax.encode import LENGTH_BUCKETS
+from m3jax.pipeline import LENGTH_BUCKETS
 
 logger = logging.getLogger("m3jax")
 SUFFIXES = (".json", ".jsonl")

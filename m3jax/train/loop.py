@@ -85,7 +85,7 @@ class TrainConfig:
       seed: data order, sampling and dropout.
       save_steps, save_total_limit: checkpoint every N optimiser steps, keep the last K (None: all).
       shuffle_buffer_size: rows held for shuffling (TrainData).
-      length_buckets: padded lengths (default m3jax.encode.LENGTH_BUCKETS); each side's max length is always one.
+      length_buckets: padded lengths (default m3jax.pipeline.LENGTH_BUCKETS); each side's max length is always one.
         Fewer buckets, fewer compilations: () pads every batch to query_max_len / passage_max_len.
       quiet: no progress bar.
     """
