@@ -7,12 +7,12 @@
 Both sides take the step the M3 recipe takes (unified fine-tuning, self-distillation on, temperature 0.02): forward of
 queries and passages, the loss (dense, sparse, ColBERT, ensemble, distillation), backward, gradient clipping to 1.0 and
 AdamW (weight decay 0.01, not on biases and LayerNorm). FlagEmbedding: `EncoderOnlyEmbedderM3Model` around its
-runner's model, torch.optim.AdamW; m3jax: `m3jax.train.step.train_step` (jitted, donated buffers). Dropout is off on
-both sides so they do the same arithmetic. Batches come from m3jax.train.TrainData over a JSON-lines file built from
-the built-in multilingual sample (a passage is consecutive sample texts joined until it holds --passage-len words, so
-passages fill their length as in real fine-tuning data; a query is the first words of its passage, negatives are
-other passages), padded to one shape (the longest length bucket drawn), and both engines get the identical token
-arrays.
+runner's model, torch.optim.AdamW; m3jax: the step fit() runs (`m3jax.train.loop.plan_step(...).step`: the jitted
+accumulate_step, one micro-batch a step, donated buffers). Dropout is off on both sides so they do the same
+arithmetic. Batches come from m3jax.train.TrainData over a JSON-lines file built from the built-in multilingual
+sample (a passage is consecutive sample texts joined until it holds --passage-len words, so passages fill their
+length as in real fine-tuning data; a query is the first words of its passage, negatives are other passages), padded
+to one shape (the longest length bucket drawn), and both engines get the identical token arrays.
 
 Denormals: XLA's CPU code flushes float32 denormals to zero; PyTorch's does not by default, and on a random
 checkpoint (loss ~100 at temperature 0.02, softmax probabilities deep in the denormal range) some of its steps then
@@ -101,24 +101,26 @@ def engine_m3jax(release: Path, steps: list[dict], flush_denormal: bool = True) 
 
     from m3jax.checkpoint import load_params
     from m3jax.model import model_from_params
-    from m3jax.train.loss import LossConfig
-    from m3jax.train.step import OptimConfig, make_optimizer, train_step
+    from m3jax.train import LossConfig, TrainConfig
+    from m3jax.train.loop import plan_step
+    from m3jax.train.sharding import make_mesh
 
     cfg, params, _ = load_params(release)
-    graphdef, state = nnx.split(model_from_params(cfg, params))
+    _, state = nnx.split(model_from_params(cfg, params))
     del params
-    flags = LossConfig(**FLAGS)
-    tx = make_optimizer(state, flags, OptimConfig(num_training_steps=len(steps), learning_rate=LEARNING_RATE,
-                                                  weight_decay=WEIGHT_DECAY, max_grad_norm=MAX_GRAD_NORM))
-    opt_state = tx.init(state)
+    config = TrainConfig(loss=LossConfig(**FLAGS), learning_rate=LEARNING_RATE, weight_decay=WEIGHT_DECAY,
+                         max_grad_norm=MAX_GRAD_NORM, dropout=False)
+    plan = plan_step(cfg, config, make_mesh(jax.devices()[:1]), len(steps))
+    state, opt_state = plan.place(state)
+    rng = jax.random.key_data(jax.random.PRNGKey(0))
     times = []
     for i, b in enumerate(steps):
         t = time.perf_counter()
-        state, opt_state, loss, _ = train_step(graphdef, state, opt_state, {k: jnp.asarray(v) for k, v in b.items()},
-                                               jnp.int32(i), flags=flags, tx=tx)
-        jax.block_until_ready((state, loss))
+        batches = {k: jnp.asarray(v)[None] for k, v in b.items()}  # one micro-batch per step: [1, rows, length]
+        state, opt_state, m = plan.step(state, opt_state, batches, jnp.int32(i), rng)
+        jax.block_until_ready((state, m))
         times.append(time.perf_counter() - t)
-        print(f"m3jax step {i}: loss {float(loss):.4f}, {times[-1]:.2f}s", file=sys.stderr, flush=True)
+        print(f"m3jax step {i}: loss {float(m['loss']):.4f}, {times[-1]:.2f}s", file=sys.stderr, flush=True)
     return times
 
 

@@ -6,8 +6,9 @@
 Times the feed-forward matmul of one BGE-M3 layer ([rows, 1024] x [1024, 4096], as the encoder runs it) in float32
 and bfloat16 under XLA's default CPU path and each oneDNN / XNNPACK / YNNPACK option jaxlib exposes, each
 configuration in its own process (XLA_FLAGS must be set before jax starts), against torch's bfloat16 matmul, which
-uses oneDNN's AMX kernels where the CPU has them. Prints GFLOP/s; an XLA bf16 figure far below torch's means the
-option does not reach AMX for this op.
+uses oneDNN's AMX kernels where the CPU has them. XLA's products take float32 output (preferred_element_type, as
+m3jax's CPU projections do), except the row "output in input dtype" (a plain `x @ w`). Prints GFLOP/s; an XLA bf16
+figure far below torch's means the option does not reach AMX for this op.
 """
 
 from __future__ import annotations
@@ -56,7 +57,8 @@ def child(engine: str, dtype: str, rows: int, seconds: float) -> dict:
         import jax.numpy as jnp
 
         ja, jb = jnp.asarray(a, dtype), jnp.asarray(b, dtype)
-        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+        out = jnp.float32 if engine == "jax" else None  # "jax-narrow": the product in the inputs' dtype
+        f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=out))
         sec = time_fn(lambda: f(ja, jb).block_until_ready(), seconds)
     return {"gflops": flops / sec / 1e9}
 
@@ -73,7 +75,8 @@ def main():
         engine, dtype = args.child.split(":")
         print("RESULT " + json.dumps(child(engine, dtype, args.rows, args.seconds)))
         return
-    runs = [("torch", "torch", "")] + [(name, "jax", CONFIGS[name]) for name in args.configs.split(",")]
+    runs = [("torch", "torch", ""), ("xla, output in input dtype", "jax-narrow", "")]
+    runs += [(name, "jax", CONFIGS[name]) for name in args.configs.split(",")]
     results: dict = {}
     for _ in range(args.repeats):
         for name, engine, flags in runs:  # alternated, so drifting load hits every configuration alike
@@ -88,13 +91,13 @@ def main():
                     print(f"{name} {dtype} failed: {r.stderr.strip().splitlines()[-1:]}", file=sys.stderr)
                 results.setdefault((name, dtype), []).append(value)
     print(f"[{args.rows}, 1024] x [1024, 4096] matmul, GFLOP/s, median (min-max) of {args.repeats}")
-    print(f"  {'configuration':<22}{'float32':>24}{'bfloat16':>24}")
+    print(f"  {'configuration':<28}{'float32':>18}{'bfloat16':>18}")
     for name, _, _ in runs:
         cells = []
         for dtype in ("float32", "bfloat16"):
             v = results[name, dtype]
             cells.append(f"{np.median(v):.0f} ({min(v):.0f}-{max(v):.0f})")
-        print(f"  {name:<22}{cells[0]:>24}{cells[1]:>24}")
+        print(f"  {name:<28}{cells[0]:>18}{cells[1]:>18}")
 
 
 if __name__ == "__main__":

@@ -69,7 +69,7 @@ def main() -> None:
         runs = {}
         platform = jax.default_backend()
         for name, opts in variants.items():
-            opts, proj = compile_plan(platform, t, opts)
+            opts, proj = compile_plan(platform, t, opts, args.dtype)
             fwd = jax.jit(lambda s, i, m, p=proj: nnx.merge(graphdef, s)(i, m, projections=p).last_hidden_state)
             runs[name] = fwd.lower(state, ids, mask).compile(compiler_options=opts or None)
         tids, tmask = torch.from_numpy(ids.astype(np.int64)), torch.from_numpy(mask)

@@ -131,12 +131,17 @@ def _per_shard(kernel, q, k, v, mask):
                          check_vma=False)(q, k, v, mask)
 
 
-def _dropout(x: jax.Array, drop: tuple[float, jax.Array] | None) -> jax.Array:
-    if drop is None:
+def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
+    """Inverted dropout; the identity without a key (inference) or at rate 0. The model's dropout too."""
+    if rng is None or rate == 0.0:
         return x
-    rate, key = drop
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
     return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
+
+
+def _dropout(x: jax.Array, drop: tuple[float, jax.Array] | None) -> jax.Array:
+    """dropout with attention()'s (rate, key) pair, None for none."""
+    return x if drop is None else dropout(x, *drop)
 
 
 def _xla(q, k, v, mask, drop=None):

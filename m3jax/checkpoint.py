@@ -16,6 +16,7 @@ torch and safetensors (the `convert` extra) are imported only where release file
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -475,6 +476,18 @@ def load_pretrained(name_or_path: str | os.PathLike, *, cache_dir: str | None = 
     return load_params(path, dtype=dtype)
 
 
+def params_sha256(params: Any, prefix: bytes = b"") -> str:
+    """sha256 of prefix, then every leaf's tree path and float32 bytes, in path order: identifies a set of weights
+    whatever their dtype or the order the tree lists them in. params: any pytree of arrays (a parameter dict, an
+    nnx.State)."""
+    h = hashlib.sha256(prefix)
+    flat, _ = jax.tree_util.tree_flatten_with_path(params)
+    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
+        h.update(jax.tree_util.keystr(path).encode())
+        h.update(np.ascontiguousarray(np.asarray(leaf, dtype=np.float32)))  # its buffer: no copy into bytes
+    return h.hexdigest()
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def _copy_tokenizer(src: str | os.PathLike, dst: Path) -> None:
     src = Path(src)
@@ -487,5 +500,5 @@ def _copy_tokenizer(src: str | os.PathLike, dst: Path) -> None:
 
 
 __all__ = ["CheckpointError", "ConfigError", "ConversionError", "HubUnavailableError", "cache_root", "convert_release",
-           "export_release", "load_params", "load_pretrained", "read_m3jax", "read_release", "resolve",
-           "save_m3jax"]
+           "export_release", "load_params", "load_pretrained", "params_sha256", "read_m3jax", "read_release",
+           "resolve", "save_m3jax"]

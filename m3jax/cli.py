@@ -249,11 +249,14 @@ def _bool(text: str) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from m3jax.attention import IMPLS
-
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
+    for add in (_add_demo, _add_convert, _add_export, _add_bench, _add_eval, _add_embed, _add_train, _add_preflight):
+        add(sub)
+    return p
 
+
+def _add_demo(sub) -> None:
     d = sub.add_parser("demo", help="embed a multilingual sample corpus with `m3jax embed`, then query it (dense, "
                                      "sparse, ColBERT, hybrid)")
     d.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
@@ -267,18 +270,26 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "directory, removed)")
     d.set_defaults(func=demo)
 
+
+def _add_convert(sub) -> None:
     c = sub.add_parser("convert", help="release layout (dir or hub id) -> m3jax directory")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--overwrite", action="store_true")
     c.set_defaults(func=convert)
 
+
+def _add_export(sub) -> None:
     e = sub.add_parser("export", help="m3jax (or release) directory -> release layout FlagEmbedding loads")
     e.add_argument("src")
     e.add_argument("dst")
     e.add_argument("--format", default="safetensors", choices=["safetensors", "bin"])
     e.add_argument("--overwrite", action="store_true")
     e.set_defaults(func=export)
+
+
+def _add_bench(sub) -> None:
+    from m3jax.attention import ALIASES, IMPLS
 
     b = sub.add_parser("bench", help="measure tokens/s, FLOP/s vs peak, compile time per bucket, peak memory")
     b.add_argument("--model", default=None,
@@ -288,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--batch-size", type=int, default=None)
     b.add_argument("--max-tokens", type=int, default=16384, help="token budget per batch")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    b.add_argument("--attn", default="auto", choices=list(IMPLS))
+    b.add_argument("--attn", default="auto", choices=[*IMPLS, *ALIASES])
     b.add_argument("--repeat", type=int, default=1)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--peak-flops", type=float, default=None, help="stated peak FLOP/s for the fraction")
@@ -297,6 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--json-stdout", action="store_true", help="print JSON instead of the table")
     b.set_defaults(func=bench)
 
+
+def _add_eval(sub) -> None:
     v = sub.add_parser("eval", help="retrieval metrics (nDCG@10, Recall@100, MRR@10) on a BEIR-layout dataset")
     v.add_argument("dataset", help="folder or fsspec URL with corpus.jsonl, queries.jsonl, qrels/<split>.tsv")
     v.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
@@ -312,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--passage-max-length", type=int)
     v.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU / TPU, else float32")
     v.set_defaults(func=evaluate)
+
+
+def _add_embed(sub) -> None:
+    from m3jax.attention import ALIASES, IMPLS
 
     m = sub.add_parser("embed", help="embed a corpus (txt / jsonl / parquet, local or fsspec URLs) into sharded "
                                      "Parquet; resumable, multi-host")
@@ -334,7 +351,7 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--dense-dtype", default="float32", choices=["float32", "float16"])
     m.add_argument("--colbert-dtype", default="float16", choices=["float32", "float16"])
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
-    m.add_argument("--attn-impl", default="auto")
+    m.add_argument("--attn-impl", default="auto", choices=[*IMPLS, *ALIASES])
     m.add_argument("--mcls-interval", type=int, default=None, metavar="N",
                    help="multiple CLS for long texts: a <s> every N text tokens (the paper: 256), dense = mean of "
                         "their hidden states; inserted tokens do not count toward --max-length (default: off)")
@@ -344,6 +361,8 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     m.set_defaults(func=embed)
 
+
+def _add_train(sub) -> None:
     t = sub.add_parser("train", help="fine-tune on FlagEmbedding-format JSON lines (M3 unified fine-tuning, "
                                      "self-distillation); resumable, multi-host")
     t.add_argument("data", nargs="+", help="JSON-lines files, directories of them, or fsspec URLs: {query, pos, "
@@ -397,8 +416,6 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--process-id", type=int, default=None)
     t.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     t.set_defaults(func=train)
-    _add_preflight(sub)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,12 +22,13 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from m3jax import accelerators, pipeline
 from m3jax._io import cache_root
-from m3jax.checkpoint import load_pretrained
+from m3jax.checkpoint import load_pretrained, params_sha256
 from m3jax.config import M3Config
 from m3jax.model import BGEM3Model, abstract_model, model_from_params, resolve_dtype
 from m3jax.tokenizer import Tokenizer
@@ -35,10 +36,11 @@ from m3jax.tokenizer import Tokenizer
 logger = logging.getLogger("m3jax")
 
 # XLA's CPU dots: its default library (YNNPACK) is the faster for attention's small per-head products, Eigen (the
-# other one it ships) for the model's large projections, which dominate short inputs. So buckets up to
-# CPU_EIGEN_MAX_LENGTH tokens compile with Eigen's dots and the feed-forward in column blocks (BGEM3Model's
-# projections "split"), longer ones with XLA's defaults. Chosen by benchmarks/forward_vs_torch.py on more than one CPU
-# type (benchmarks/RESULTS.md); compiler_options={} turns it off.
+# other one it ships) for the model's large float32 projections, which dominate short inputs. So float32 buckets up
+# to CPU_EIGEN_MAX_LENGTH tokens compile with Eigen's dots and the feed-forward in column blocks (BGEM3Model's
+# projections "split"), longer ones and bfloat16 (where YNNPACK's dots are the fast ones) with XLA's defaults.
+# Chosen by benchmarks/forward_vs_torch.py on more than one CPU type (benchmarks/RESULTS.md); compiler_options={}
+# turns it off.
 CPU_EIGEN_MAX_LENGTH = 1024
 CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # Rows per device of the first compile that sizes a bucket on an accelerator (Encoder.rows_that_fit): this many
@@ -47,10 +49,11 @@ PROBE_TOKENS = 16384
 MAX_ROWS_PER_DEVICE = 4096
 
 
-def default_compiler_options(platform: str, length: int) -> dict[str, Any]:
-    """The XLA options an executable for padded `length` gets when the user passes none: on CPU Eigen's dots up to
-    CPU_EIGEN_MAX_LENGTH, XLA's defaults otherwise."""
-    return dict(CPU_EIGEN_DOTS) if platform == "cpu" and length <= CPU_EIGEN_MAX_LENGTH else {}
+def default_compiler_options(platform: str, length: int, dtype: Any = "float32") -> dict[str, Any]:
+    """The XLA options an executable for padded `length` gets when the user passes none: on CPU in float32 Eigen's
+    dots up to CPU_EIGEN_MAX_LENGTH, XLA's defaults otherwise."""
+    eigen = platform == "cpu" and length <= CPU_EIGEN_MAX_LENGTH and jnp.dtype(dtype) == jnp.float32
+    return dict(CPU_EIGEN_DOTS) if eigen else {}
 
 
 def projections(platform: str, options: dict[str, Any]) -> str:
@@ -65,11 +68,12 @@ class CompilePlan(NamedTuple):
     projections: str  # BGEM3Model's projections
 
 
-def compile_plan(platform: str, length: int, options: dict[str, Any] | None = None) -> CompilePlan:
-    """How Encoder compiles an executable of padded `length`: `options` as given, or default_compiler_options when
-    None, and the projections to match (see `projections`)."""
+def compile_plan(platform: str, length: int, options: dict[str, Any] | None = None,
+                 dtype: Any = "float32") -> CompilePlan:
+    """How Encoder compiles an executable of padded `length` in `dtype`: `options` as given, or
+    default_compiler_options when None, and the projections to match (see `projections`)."""
     if options is None:
-        options = default_compiler_options(platform, length)
+        options = default_compiler_options(platform, length, dtype)
     return CompilePlan(options, projections(platform, options))
 
 
@@ -246,12 +250,8 @@ class Encoder:
         Computed once per state (hashing bge-m3's 2.3 GB takes seconds; every `embed` call asks)."""
         if self._fingerprint is not None and self._fingerprint[0] is self.state:
             return self._fingerprint[1]
-        h = hashlib.sha256(repr(self.config).encode())
-        flat, _ = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)))
-        for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-            h.update(jax.tree_util.keystr(path).encode())
-            h.update(np.ascontiguousarray(np.asarray(leaf, dtype=np.float32)))  # its buffer: no 1 GB bytes copy
-        self._fingerprint = (self.state, h.hexdigest())
+        digest = params_sha256(nnx.to_pure_dict(nnx.state(self.model, nnx.Param)), repr(self.config).encode())
+        self._fingerprint = (self.state, digest)
         return self._fingerprint[1]
 
     def output_dims(self) -> dict[str, int]:
@@ -431,7 +431,7 @@ class Encoder:
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
-            options, proj = compile_plan(self.platform, length, self.compiler_options)
+            options, proj = compile_plan(self.platform, length, self.compiler_options, self.dtype)
             with jax.set_mesh(self.mesh):
                 lowered = pipeline.encode_step.lower(self.graphdef, self.state, spec, spec, **static,
                                                      projections=proj)

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from m3jax.attention import attention
+from m3jax.attention import attention, dropout, platform_in_use
 from m3jax.config import M3Config
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -38,14 +38,6 @@ class ModelOutputs(NamedTuple):
     colbert: jax.Array
 
 
-def dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-    """Inverted dropout; the identity without a key (inference) or at rate 0."""
-    if rng is None or rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0.0).astype(x.dtype)
-
-
 def resolve_dtype(dtype: Any) -> jnp.dtype:
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -60,6 +52,21 @@ def resolve_dtype(dtype: Any) -> jnp.dtype:
 def _linear(din: int, dout: int, dtype, rngs: nnx.Rngs) -> nnx.Linear:
     return nnx.Linear(din, dout, dtype=dtype, param_dtype=dtype,
                       kernel_init=nnx.initializers.normal(0.02), rngs=rngs)
+
+
+def project(linear: nnx.Linear, x: jax.Array, column_block: int | None = None) -> jax.Array:
+    """linear(x), the model's one dense product. On CPU a bfloat16 product is taken with float32 output and rounded
+    once, after the bias: XLA's CPU dots are about twice as fast so as with bfloat16 output (benchmarks/RESULTS.md).
+    column_block: the product in column blocks of that many outputs, the same sums (projections "split")."""
+    kernel, bias = linear.kernel[...], linear.bias[...]
+    x, kernel, bias = linear.promote_dtype((x, kernel, bias), dtype=linear.dtype)
+    wide = jnp.float32 if x.dtype == jnp.bfloat16 and platform_in_use() == "cpu" else None
+    f = kernel.shape[1]
+    step = min(column_block or f, f)
+    dot = functools.partial(jnp.dot, precision=linear.precision, preferred_element_type=wide)
+    y = dot(x, kernel) if step == f else jnp.concatenate([dot(x, kernel[:, i:i + step]) for i in range(0, f, step)],
+                                                         axis=-1)
+    return (y + bias).astype(x.dtype)
 
 
 def _layer_norm(dim: int, cfg: M3Config, rngs: nnx.Rngs) -> nnx.LayerNorm:
@@ -106,7 +113,7 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, mask: jax.Array, impl: str, dropout_rng: jax.Array | None = None) -> jax.Array:
         """x [B, T, D], mask [B, T] -> context [B, T, D]."""
         b, t, d = x.shape
-        heads = lambda lin: lin(x).reshape(b, t, self.num_heads, -1)  # noqa: E731  [B, T, N, H]
+        heads = lambda lin: project(lin, x).reshape(b, t, self.num_heads, -1)  # noqa: E731  [B, T, N, H]
         ctx = attention(heads(self.query), heads(self.key), heads(self.value), mask, impl=impl,
                         dropout_rate=self.dropout_rate, dropout_rng=dropout_rng)
         return ctx.reshape(b, t, d)
@@ -121,7 +128,7 @@ class Output(nnx.Module):
         self.dropout_rate = cfg.hidden_dropout_prob
 
     def __call__(self, h: jax.Array, residual: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-        y = self.dense(h).astype(jnp.float32)
+        y = project(self.dense, h).astype(jnp.float32)
         return self.LayerNorm(dropout(y, self.dropout_rate, dropout_rng) + residual)
 
 
@@ -137,14 +144,8 @@ class Intermediate(nnx.Module):
 
     def __call__(self, x: jax.Array, projections: str = "xla") -> jax.Array:
         """projections "split": column blocks of at most hidden-size outputs (see BGEM3Model's projections)."""
-        if projections != "split":
-            return jax.nn.gelu(self.dense(x), approximate=False)  # exact erf, as torch's
-        kernel, bias = self.dense.kernel[...], self.dense.bias[...]
-        x, kernel, bias = self.dense.promote_dtype((x, kernel, bias), dtype=self.dense.dtype)
-        d, f = kernel.shape
-        y = jnp.concatenate([jnp.dot(x, kernel[:, i:i + d], precision=self.dense.precision)
-                             for i in range(0, f, d)], axis=-1)
-        return jax.nn.gelu(y + bias, approximate=False)
+        block = x.shape[-1] if projections == "split" else None
+        return jax.nn.gelu(project(self.dense, x, block), approximate=False)  # exact erf, as torch's
 
 
 class Layer(nnx.Module):
@@ -245,8 +246,8 @@ class BGEM3Model(nnx.Module):
             dense = h[:, 0]
         else:
             dense = (h * mask[..., None]).sum(1) / mask.sum(1, keepdims=True)
-        sparse = jax.nn.relu(self.sparse_linear(hc).astype(jnp.float32))[..., 0]
-        colbert = self.colbert_linear(hc[:, 1:]).astype(jnp.float32) * mask[:, 1:, None]
+        sparse = jax.nn.relu(project(self.sparse_linear, hc).astype(jnp.float32))[..., 0]
+        colbert = project(self.colbert_linear, hc[:, 1:]).astype(jnp.float32) * mask[:, 1:, None]
         if truncate_dim is not None:
             dense, colbert = dense[..., :truncate_dim], colbert[..., :truncate_dim]
         if normalize:

@@ -209,6 +209,49 @@ class EncodeOutputs(NamedTuple):
     colbert: jax.Array | None = None
 
 
+class RaggedOutputs(NamedTuple):
+    """One batch's outputs on the host at each row's own size (see unpad): dense [B, D]; the sparse entries and the
+    ColBERT vectors of all rows concatenated, row r's at [offsets[r], offsets[r + 1]). None for heads not computed.
+    """
+
+    dense: np.ndarray | None = None
+    sparse_offsets: np.ndarray | None = None  # [B + 1] int64
+    sparse_ids: np.ndarray | None = None  # [sum] int32
+    sparse_weights: np.ndarray | None = None  # [sum] float32
+    colbert_offsets: np.ndarray | None = None  # [B + 1] int64
+    colbert: np.ndarray | None = None  # [sum, C]
+
+    def sparse_row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row r's (token ids, weights)."""
+        a, b = self.sparse_offsets[r], self.sparse_offsets[r + 1]
+        return self.sparse_ids[a:b], self.sparse_weights[a:b]
+
+    def colbert_row(self, r: int) -> np.ndarray:
+        """Row r's ColBERT vectors [lengths[r] - 1, C]."""
+        return self.colbert[self.colbert_offsets[r]:self.colbert_offsets[r + 1]]
+
+
+def unpad(out: EncodeOutputs, lengths: np.ndarray) -> RaggedOutputs:
+    """A batch's EncodeOutputs (on the host, trimmed to its real rows) without padding: each row's sparse entries
+    (ids >= 0) and its lengths[r] - 1 ColBERT vectors. lengths: the rows' token counts, `<s>` and `</s>` included.
+    The one conversion of outputs to rows: EncodeResult, `m3jax embed`'s shards and the Beam handler's rows."""
+    def offsets(counts):
+        return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+
+    res = {"dense": out.dense}
+    if out.sparse_ids is not None:
+        keep = out.sparse_ids >= 0
+        res.update(sparse_offsets=offsets(keep.sum(1)), sparse_ids=out.sparse_ids[keep].astype(np.int32),
+                   sparse_weights=out.sparse_weights[keep].astype(np.float32))
+    if out.colbert is not None:
+        n = np.asarray(lengths, np.int64) - 1
+        if len(n) != out.colbert.shape[0]:
+            raise ValueError(f"unpad: {len(n)} lengths for a batch of {out.colbert.shape[0]} rows")
+        keep = np.arange(out.colbert.shape[1])[None, :] < n[:, None]
+        res.update(colbert_offsets=offsets(n), colbert=out.colbert[keep])
+    return RaggedOutputs(**res)
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "attn_impl", "pooling", "normalize",
                                              "truncate_dim", "special_ids", "mcls_interval", "projections"))
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
@@ -367,15 +410,14 @@ def collect(results: Iterable[tuple[Batch, EncodeOutputs]], n: int, lengths: np.
     sparse: list = [None] * n if "sparse" in heads else None
     colbert: list = [None] * n if "colbert" in heads else None
     for b, out in results:
+        rows = unpad(out, lengths[b.indices])
         if "dense" in heads:
-            res.dense[b.indices] = out.dense
-        if "sparse" in heads:
-            counts = (out.sparse_ids >= 0).sum(1)
-            for r, i in enumerate(b.indices):
-                sparse[i] = (out.sparse_ids[r, :counts[r]].copy(), out.sparse_weights[r, :counts[r]].copy())
-        if "colbert" in heads:
-            for r, i in enumerate(b.indices):
-                colbert[i] = out.colbert[r, :lengths[i] - 1].copy()
+            res.dense[b.indices] = rows.dense
+        for r, i in enumerate(b.indices):
+            if sparse is not None:
+                sparse[i] = rows.sparse_row(r)
+            if colbert is not None:
+                colbert[i] = rows.colbert_row(r)
         if progress is not None:
             progress.update(len(b.indices))
     res.sparse, res.colbert_vecs = sparse, colbert

@@ -75,7 +75,7 @@ def m3jax_outputs(path, batch, dtype="float32", attn_impl="auto"):
     graphdef, state = nnx.split(model_from_params(cfg, params, dtype=dtype))
     ids, mask = batch["input_ids"].numpy(), batch["attention_mask"].numpy()
     platform = jax.default_backend()
-    options, proj = compile_plan(platform, ids.shape[1])
+    options, proj = compile_plan(platform, ids.shape[1], dtype=dtype)
     lowered = forward.lower(graphdef, state, ids, mask, attn_impl=attn_impl, projections=proj)
     out = lowered.compile(options or None)(state, ids, mask)
     return cfg, {k: np.asarray(v) for k, v in out._asdict().items()}

@@ -145,8 +145,11 @@ def test_dispatch_by_backend_length_and_dtype():
 
 
 def test_cli_offers_every_impl():
+    """`m3jax bench --attn` and `m3jax embed --attn-impl` take every impl and the earlier names."""
+    from m3jax.attention import ALIASES
     from m3jax.cli import build_parser
 
-    bench = build_parser()._subparsers._group_actions[0].choices["bench"]
-    attn = next(a for a in bench._actions if a.dest == "attn")
-    assert tuple(attn.choices) == IMPLS
+    commands = build_parser()._subparsers._group_actions[0].choices
+    for command, dest in (("bench", "attn"), ("embed", "attn_impl")):
+        flag = next(a for a in commands[command]._actions if a.dest == dest)
+        assert tuple(flag.choices) == (*IMPLS, *ALIASES), command

@@ -156,3 +156,4 @@ def test_split_feed_forward_is_the_same_sums(release_dirs):
     assert compile_plan("cpu", 4096) == ({}, "xla")
     assert compile_plan("cpu", 4096, options=CPU_EIGEN_DOTS) == (CPU_EIGEN_DOTS, "split")  # the user's
     assert compile_plan("gpu", 512, options={}) == ({}, "xla")
+    assert compile_plan("cpu", 512, dtype="bfloat16") == ({}, "xla")  # YNNPACK's bfloat16 dots are the fast ones

@@ -65,11 +65,10 @@ def test_cloud_tpu_vm_joins_its_pod_slice_without_flags(monkeypatch):
     import jax
     import pytest
 
-    from m3jax.embed import distributed
+    from m3jax import distributed
 
     calls = []
     monkeypatch.setattr(jax.distributed, "initialize", lambda *a, **k: calls.append((a, k)))
-    monkeypatch.setattr(distributed, "_backends_initialized", lambda: False)
     for var in distributed.ENV.values():
         monkeypatch.delenv(var, raising=False)
     assert distributed.initialize() == (0, 1) and calls == []  # this machine: no TPU VM
@@ -85,3 +84,32 @@ def test_cloud_tpu_vm_joins_its_pod_slice_without_flags(monkeypatch):
     monkeypatch.setattr(jax.distributed, "initialize", fail)
     with pytest.raises(ValueError, match="agent-worker-number.*pass --coordinator HOST:PORT --num-processes"):
         distributed.initialize()
+
+    def too_late(*a, **k):  # JAX's own error when something already computed: a warning, one process
+        raise RuntimeError("jax.distributed.initialize() must be called before any JAX computations are executed.")
+
+    monkeypatch.setattr(jax.distributed, "initialize", too_late)
+    assert distributed.initialize() == (0, 1)
+
+
+def test_tpu_vm_detection_reads_pci_vendors(monkeypatch, tmp_path):
+    """A host is a Cloud TPU VM when libtpu is installed and a PCI device has Google's vendor id."""
+    import importlib.util
+
+    from m3jax import distributed
+
+    def vendors(*ids):
+        root = tmp_path / "_".join(ids)
+        for i, v in enumerate(ids):
+            (root / f"0000:00:0{i}.0").mkdir(parents=True)
+            (root / f"0000:00:0{i}.0" / "vendor").write_text(v + "\n")
+        return root
+
+    real_path = distributed.Path
+    for ids, libtpu, want in [(("0x8086", "0x1ae0"), True, True), (("0x8086", "0x1af4"), True, False),
+                              (("0x1ae0",), False, False)]:
+        root = vendors(*ids)
+        monkeypatch.setattr(distributed, "Path", lambda p, root=root: root if p == "/sys/bus/pci/devices"
+                            else real_path(p))
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, libtpu=libtpu: object() if libtpu else None)
+        assert distributed._on_cloud_tpu_vm() is want, (ids, libtpu)

@@ -1,6 +1,9 @@
-"""Notebooks are tested artefacts: executed top to bottom on a tiny random model."""
+"""Notebooks are tested artefacts: executed top to bottom on a tiny random model; they install m3jax only from
+the project's source URL."""
 
 import os
+import re
+import tomllib
 from pathlib import Path
 
 import nbformat
@@ -132,3 +135,46 @@ def test_finetune_notebook_runs(tmp_path, monkeypatch):
     assert gains["sparse"] > 0.2 and gains["colbert"] > 0.2, gains  # the learning test's margins, loosely
     fe = BGEM3FlagModel(str(tmp_path / "bge-m3-tuned"), use_fp16=False, devices="cpu")
     assert fe.encode(["a query"], return_dense=True)["dense_vecs"].shape == (1, fe.model.model.config.hidden_size)
+
+
+def source_url() -> str:
+    return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Source"]
+
+
+def install_cell(name: str) -> str:
+    nb = nbformat.read(ROOT / "colab" / f"{name}.ipynb", as_version=4)
+    return next(c.source for c in nb.cells if c.cell_type == "code")
+
+
+NOTEBOOKS = sorted(p.stem for p in (ROOT / "colab").glob("*.ipynb"))
+
+
+def test_notebooks_install_from_the_project_source_only():
+    """Every notebook's first code cell installs from pyproject.toml's [project.urls] Source, never by a bare
+    package name (someone else could register it on PyPI), and so do the README's install lines."""
+    url = source_url()
+    assert url.startswith("https://") and len(NOTEBOOKS) == 4
+    for name in NOTEBOOKS:
+        cell = install_cell(name)
+        assert re.findall(r'^M3JAX_SOURCE = "(.*)"$', cell, re.M) == [url], name
+        assert re.search(r'f"m3jax\[[a-z,]+\] @ git\+\{M3JAX_SOURCE\}"', cell), name
+    readme = (ROOT / "README.md").read_text()
+    for line in re.findall(r"pip install[^\n]*m3jax\[[^\n]*", readme):
+        assert "-e " in line or f"git+{url}" in line, line
+
+
+def test_install_cell_with_the_placeholder_stops_with_one_line(monkeypatch, capsys):
+    """Where m3jax is not installed (a fresh Colab runtime) and M3JAX_SOURCE is still the placeholder, the cell
+    stops with a one-line instruction instead of a pip error; it installs nothing."""
+    import importlib.util
+    import subprocess
+
+    import pytest
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: pytest.fail(f"pip ran: {a}"))
+    for name in NOTEBOOKS:
+        cell = install_cell(name).split("\nimport jax")[0]  # the install part
+        with pytest.raises(SystemExit) as e:
+            exec(compile(cell, name, "exec"), {"__name__": "__main__"})
+        assert "M3JAX_SOURCE" in str(e.value) and "\n" not in str(e.value), name

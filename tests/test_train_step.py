@@ -1,5 +1,7 @@
-"""The jitted AdamW train step lowers the loss on a fixed batch, leaves frozen parameters untouched, and clips."""
+"""fit()'s jitted AdamW step (accumulate_step) lowers the loss on a fixed batch and leaves frozen parameters untouched;
+the schedule, decay mask and clipping follow transformers and torch."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -8,11 +10,12 @@ from flax import nnx
 from m3jax.config import M3Config
 from m3jax.model import init_model
 from m3jax.train.loss import LossConfig
-from m3jax.train.step import OptimConfig, decays, linear_schedule, make_optimizer, train_step
+from m3jax.train.step import OptimConfig, accumulate_step, decays, linear_schedule, make_optimizer
 
 
 def test_train_step_lowers_loss_and_respects_freezing(tmp_path):
-    """A batch from TrainData (teacher scores, m3_kd_loss, self-distillation) through the jitted step."""
+    """A batch from TrainData (teacher scores, m3_kd_loss, self-distillation) through the jitted step, as one
+    micro-batch per optimiser step."""
     import json
 
     from m3jax.testing import write_tokenizer
@@ -27,7 +30,7 @@ def test_train_step_lowers_loss_and_respects_freezing(tmp_path):
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = TrainData(str(tmp_path / "train.jsonl"), Tokenizer(tmp_path),
                      DataConfig(train_group_size=2, passage_max_len=48, knowledge_distillation=True), batch_size=4)
-    batch = next(iter(data.epoch(0)))
+    batches = {k: v[None] for k, v in next(iter(data.epoch(0))).items()}  # [1, ...]: one micro-batch
     graphdef, state = nnx.split(init_model(M3Config.tiny(num_layers=1), seed=0))
     flags = LossConfig(unified_finetuning=True, use_self_distill=True, self_distill_start_step=0,
                        kd_loss_type="m3_kd_loss", fix_position_embedding=True)
@@ -35,10 +38,13 @@ def test_train_step_lowers_loss_and_respects_freezing(tmp_path):
     tx = make_optimizer(state, flags, opt)
     opt_state = tx.init(state)
     pos_before = np.asarray(state["embeddings"]["position_embeddings"]["embedding"][...]).copy()
+    rng = jax.random.key_data(jax.random.PRNGKey(0))
     losses = []
     for step in range(8):
-        state, opt_state, loss, _ = train_step(graphdef, state, opt_state, batch, jnp.int32(step), flags=flags, tx=tx)
-        losses.append(float(loss))
+        state, opt_state, m = accumulate_step(graphdef, state, opt_state, batches, jnp.int32(step), rng, flags=flags,
+                                              tx=tx, dropout=False)
+        losses.append(float(m["loss"]))
+        assert m["grad_norm"] > 0 and int(m["tokens"]) == int(batches["q_mask"].sum() + batches["p_mask"].sum())
     assert losses[-1] < 0.5 * losses[0], losses
     np.testing.assert_array_equal(np.asarray(state["embeddings"]["position_embeddings"]["embedding"][...]),
                                   pos_before)
@@ -91,3 +97,18 @@ def test_optimizer_matches_torch_adamw_with_clipping_and_schedule():
     for k in tp:
         np.testing.assert_allclose(np.asarray(state["intermediate"]["dense"][k]), tp[k].detach().numpy(),
                                    rtol=1e-5, atol=1e-6)
+
+
+def test_train_config_hands_its_optimizer_fields_on():
+    """TrainConfig holds OptimArgs' fields (same keywords and defaults, all in the saved settings); fit()'s optimiser
+    is them over the run's length."""
+    import dataclasses
+
+    from m3jax.train import TrainConfig
+    from m3jax.train.step import OptimArgs
+
+    c = TrainConfig(learning_rate=1e-5, warmup_ratio=0.1, weight_decay=0.01, max_grad_norm=0.5, adam_epsilon=1e-6)
+    assert c.for_steps(100) == OptimConfig(num_training_steps=100, learning_rate=1e-5, warmup_ratio=0.1,
+                                           weight_decay=0.01, max_grad_norm=0.5, adam_epsilon=1e-6)
+    assert TrainConfig().for_steps(7) == OptimConfig(num_training_steps=7)
+    assert {f.name for f in dataclasses.fields(OptimArgs)} <= set(c.settings())

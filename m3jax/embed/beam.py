@@ -22,8 +22,6 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
 try:
     from apache_beam.ml.inference.base import ModelHandler, PredictionResult
 except ImportError as e:  # the module is the optional part: say which extra it needs
@@ -94,8 +92,9 @@ class M3EmbedHandler(ModelHandler):
         for w in windows:
             got: list[dict | None] = [None] * w.n
             for b, o in model.run(w.batches, heads=s.outputs):
+                rows = pipeline.unpad(o, w.lengths[b.indices])
                 for r, i in enumerate(b.indices):
-                    got[i] = _row(w, int(i), r, o, s)
+                    got[i] = _row(w, int(i), r, rows, s)
             out += got
         return [PredictionResult(x, row, self.model_path) for x, row in zip(batch, out, strict=True)]
 
@@ -111,17 +110,15 @@ class M3EmbedHandler(ModelHandler):
         s = self.settings
         return writer.schema(s.outputs, {"dense": dense_dim, "colbert": colbert_dim}, s.dense_dtype, s.colbert_dtype)
 
-def _row(w, i: int, r: int, o: pipeline.EncodeOutputs, s) -> dict:
-    """Input row i of window w (batch row r of outputs o) with the Parquet row's fields and dtypes."""
+def _row(w, i: int, r: int, rows: pipeline.RaggedOutputs, s) -> dict:
+    """Input row i of window w (batch row r of `rows`) with the Parquet row's fields and dtypes."""
     row = {"id": w.ids[i], "tokens": int(w.lengths[i]), "truncated": bool(w.truncated[i])}
-    if o.dense is not None:
-        row["dense"] = o.dense[r].astype(s.dense_dtype)
-    if o.sparse_ids is not None:
-        keep = o.sparse_ids[r] >= 0
-        row["sparse_ids"] = o.sparse_ids[r][keep].astype(np.int32)
-        row["sparse_weights"] = o.sparse_weights[r][keep].astype(np.float32)
-    if o.colbert is not None:
-        row["colbert"] = o.colbert[r, :w.lengths[i] - 1].astype(s.colbert_dtype)
+    if rows.dense is not None:
+        row["dense"] = rows.dense[r].astype(s.dense_dtype)
+    if rows.sparse_ids is not None:
+        row["sparse_ids"], row["sparse_weights"] = rows.sparse_row(r)
+    if rows.colbert is not None:
+        row["colbert"] = rows.colbert_row(r).astype(s.colbert_dtype)
     return row
 
 

@@ -5,6 +5,10 @@ tokenises and plans windows ahead while the main thread keeps the device busy (o
 across windows and shards) and writes each window's rows, back in input order, into the shard's temporary file;
 the file is renamed when the shard is complete. A rerun with the same arguments skips the finished shards (their
 rows are only counted), removes temporary leftovers and writes the rest exactly as an uninterrupted run would.
+
+Multi-host (m3jax.distributed): process p of P owns the shards k with k % P == p; every process reads (but only
+counts) the rows of the others' shards, so the split needs no communication. Each writes its own shards; process 0
+writes job.json before the first barrier and the manifest after the last.
 """
 
 from __future__ import annotations
@@ -25,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
-from m3jax import pipeline
-from m3jax.embed import distributed, writer
+from m3jax import distributed, pipeline
+from m3jax._io import settings_diff
+from m3jax.embed import writer
 from m3jax.embed.planner import ShardEnd, Window, plan_windows
 from m3jax.embed.sources import InputError, Rows, resolve_inputs
 
@@ -103,7 +108,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
       mcls_interval: multiple CLS, a `<s>` every that many text tokens, dense = mean of their hidden states (see
         m3jax.BGEM3.encode for what it does to max_length, sparse and ColBERT); the `tokens` column still counts
         each text's own tokens. None: plain BGE-M3.
-      coordinator, num_processes, process_id: multi-host run over jax.distributed (see m3jax.embed.distributed).
+      coordinator, num_processes, process_id: multi-host run over jax.distributed (see m3jax.distributed).
       callback: called in the main thread after each window is written, with {"shard", "rows", "shard_done"}.
     """
     t_start = time.perf_counter()
@@ -293,25 +298,8 @@ def _check_output(fs, root: str, job: dict, output) -> bool:
     if old is None:
         raise EmbedError(f"output {output}: holds shards but no {writer.JOB_FILE}; not resumable, use a new "
                          "directory")
-    diffs = [f"{k}: {a!r} (in {output}) != {b!r} (now)" for k, a, b in _diff(old, job) if k != "key"][:8]
     raise EmbedError(f"output {output} was written by a different job; use a new --output directory or delete it. "
-                     f"Differences: " + "; ".join(diffs))
-
-
-def _diff(a, b, prefix=""):
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            yield from _diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k)
-    elif isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b, strict=True)):
-            yield from _diff(x, y, f"{prefix}[{i}]")
-    elif a != b:
-        yield prefix, _short(a), _short(b)
-
-
-def _short(v):
-    s = json.dumps(v)
-    return v if len(s) <= 80 else s[:77] + "..."
+                     f"Differences: {settings_diff(old, job, str(output), ignore=('key',))}")
 
 
 @dataclasses.dataclass
@@ -421,17 +409,13 @@ class _WindowOutputs:
         self.got += 1
         idx = np.asarray(batch.indices)
         self.idx.append(idx)
-        if out.dense is not None:
-            self.dense.append(out.dense.astype(self.settings.dense_dtype))
-        if out.sparse_ids is not None:
-            ids, w = out.sparse_ids, out.sparse_weights
-            keep = ids >= 0
-            self.sparse.append((keep.sum(1), ids[keep], w[keep].astype(np.float32)))
-        if out.colbert is not None:
-            v = out.colbert
-            n = self.window.lengths[idx] - 1
-            keep = np.arange(v.shape[1])[None, :] < n[:, None]
-            self.colbert.append((n, v[keep].astype(self.settings.colbert_dtype)))
+        rows = pipeline.unpad(out, self.window.lengths[idx])
+        if rows.dense is not None:
+            self.dense.append(rows.dense.astype(self.settings.dense_dtype))
+        if rows.sparse_ids is not None:
+            self.sparse.append((np.diff(rows.sparse_offsets), rows.sparse_ids, rows.sparse_weights))
+        if rows.colbert is not None:
+            self.colbert.append((np.diff(rows.colbert_offsets), rows.colbert.astype(self.settings.colbert_dtype)))
 
     def columns(self) -> dict:
         import pyarrow as pa

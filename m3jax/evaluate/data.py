@@ -14,9 +14,10 @@ them, including those whose judgements are all 0).
 from __future__ import annotations
 
 import dataclasses
-import json
 from collections.abc import Iterator
 from typing import Any
+
+from m3jax._io import parse_json_object
 
 
 class DatasetError(ValueError):
@@ -83,12 +84,7 @@ def _read_jsonl(fs, path: str, label: str, fields: tuple[str, ...]) -> Iterator[
     for n, line in _open_lines(fs, path, label):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DatasetError(f"{label} line {n}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-            raise DatasetError(f"{label} line {n}: expected a JSON object, got {type(row).__name__}")
+        row = parse_json_object(line, f"{label} line {n}", DatasetError)
         rid = _id(row, label, n)
         for field in fields:
             v = row.get(field)

@@ -13,21 +13,7 @@ from __future__ import annotations
 import json
 import random
 
-_SCRIPTS = {
-    "latin": ("bdfgklmnprstvz", "aeiou"),
-    "cyrillic": ("бвгдклмнпрст", "аеиоуя"),
-    "greek": ("βγδκλμνπρστ", "αεηιου"),
-    "arabic": ("بتجدرزسشصطعفقكلمنه", "اوي"),
-}
-
-
-def _word(rng: random.Random, script: str) -> str:
-    if script == "han":
-        return "".join(chr(rng.randrange(0x4E00, 0x9FA5)) for _ in range(2))
-    if script == "hangul":
-        return "".join(chr(rng.randrange(0xAC00, 0xD7A3)) for _ in range(2))
-    cons, vows = _SCRIPTS[script]
-    return "".join(rng.choice(cons) + rng.choice(vows) for _ in range(rng.randint(2, 3)))
+from m3jax.pseudowords import SCRIPTS, PseudoWords
 
 
 def synthetic_beir(passages: int = 40, seed: int = 0) -> tuple[list[dict], list[dict], dict[str, list[tuple]]]:
@@ -35,20 +21,12 @@ def synthetic_beir(passages: int = 40, seed: int = 0) -> tuple[list[dict], list[
     if passages < 12:
         raise ValueError(f"passages must be >= 12 (two per script), got {passages}")
     rng = random.Random(seed)
-    scripts = ("latin", "cyrillic", "greek", "arabic", "han", "hangul")
-    used: set[str] = set()
-
-    def fresh(script):
-        while (w := _word(rng, script)) in used:
-            pass
-        used.add(w)
-        return w
-
-    common = {s: [fresh(s) for _ in range(8)] for s in scripts}
-    own = [[fresh(scripts[i % 6]) for _ in range(3)] for i in range(passages)]
+    fresh = PseudoWords(rng)
+    common = {s: [fresh(s) for _ in range(8)] for s in SCRIPTS}
+    own = [[fresh(SCRIPTS[i % 6]) for _ in range(3)] for i in range(passages)]
     corpus = []
     for i in range(passages):
-        s = scripts[i % 6]
+        s = SCRIPTS[i % 6]
         words = own[i] + rng.sample(common[s], 6) + ([own[i - 6][0]] if i >= 6 else [])
         rng.shuffle(words)
         corpus.append({"_id": f"d{i}", "title": " ".join(rng.sample(common[s], 2)), "text": " ".join(words)})

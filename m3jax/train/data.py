@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
-import json
 import logging
 import math
 import random
@@ -38,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from m3jax._io import parse_json_object
 from m3jax.pipeline import LENGTH_BUCKETS
 
 logger = logging.getLogger("m3jax")
@@ -120,12 +120,7 @@ def read_lines(files: Iterable[str]) -> Iterator[tuple[str, int, str]]:
 def parse_row(source: str, line: int, raw: str, cfg: DataConfig) -> dict:
     """One JSON line -> a checked row {query, pos, neg[, pos_scores, neg_scores][, prompt]}; DataError otherwise."""
     where = f"{source}:{line}"
-    try:
-        row = json.loads(raw)
-    except json.JSONDecodeError as e:
-        raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-    if not isinstance(row, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    row = parse_json_object(raw, where, DataError)
     if not isinstance(row.get("query"), str):
         raise DataError(f"{where}: 'query' must be a string, got {_kind(row.get('query'))}")
     for key in ("pos", "neg"):

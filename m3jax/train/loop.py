@@ -36,7 +36,6 @@ step (LayerNorm stays float32); gradients, clipping and AdamW state are float32.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import math
@@ -50,8 +49,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from m3jax._io import settings_diff
 from m3jax.train.data import DataConfig, TrainData, collate
 from m3jax.train.loss import LossConfig
+from m3jax.train.step import OptimArgs
 
 logger = logging.getLogger("m3jax")
 SETTINGS = "train_settings.json"
@@ -65,9 +66,9 @@ class TrainError(ValueError):
     """A run that cannot start or resume (wrong settings, too little data, a foreign output directory)."""
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """FlagEmbedding's M3 runner arguments (HF TrainingArguments defaults unless said otherwise).
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig(OptimArgs):
+    """FlagEmbedding's M3 runner arguments (HF TrainingArguments defaults unless said otherwise), as keywords.
 
     Attributes:
       data: group size, max lengths, instructions, knowledge distillation (m3jax.train.data.DataConfig).
@@ -76,7 +77,8 @@ class TrainConfig:
       gradient_accumulation_steps: micro-batches per optimiser step.
       num_train_epochs, max_steps: run length; max_steps > 0 wins.
       learning_rate, warmup_ratio, warmup_steps, weight_decay, adam_beta1, adam_beta2, adam_epsilon,
-        max_grad_norm: the optimiser (m3jax.train.step.OptimConfig).
+        max_grad_norm: the optimiser, inherited from m3jax.train.step.OptimArgs (its run length is the total
+        steps fit() derives).
       bf16: bfloat16 compute over float32 master weights.
       remat: recompute each encoder layer's activations in the backward pass (gradient_checkpointing): the memory
         of one layer instead of all, for long passages, at the cost of a second forward.
@@ -96,14 +98,6 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     num_train_epochs: float = 3.0
     max_steps: int = -1
-    learning_rate: float = 5e-5
-    warmup_ratio: float = 0.0
-    warmup_steps: int = 0
-    weight_decay: float = 0.0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_epsilon: float = 1e-8
-    max_grad_norm: float = 1.0
     bf16: bool = False
     remat: bool = False
     fsdp: bool = False
@@ -153,13 +147,13 @@ def fit(model: str | os.PathLike, data: str | Sequence[str], output_dir: str | o
     jobs with a time slice; a later fit() call with the same settings continues. final_dir is then None.
 
     devices: the mesh's devices (default: all of every process). coordinator, num_processes, process_id:
-    multi-host, as `m3jax embed` (m3jax.embed.distributed.initialize; also from $M3JAX_COORDINATOR etc., and
+    multi-host, as `m3jax embed` (m3jax.distributed.initialize; also from $M3JAX_COORDINATOR etc., and
     automatic on Cloud TPU pod slices); each process reads the stream and keeps its own rows of each batch.
 
     compilation_cache: True or a directory turns on JAX's persistent compilation cache for the process
     (m3jax.configure_compilation_cache; `m3jax train` does); False (the default) leaves jax.config as it is.
     """
-    from m3jax.embed.distributed import initialize
+    from m3jax.distributed import initialize
     from m3jax.engine import configure_compilation_cache
 
     config = config or TrainConfig()
@@ -178,69 +172,76 @@ class _Run:
     """One fit() call: builds everything, then trains, checkpoints and logs."""
 
     def __init__(self, model, sources, out: Path, config: TrainConfig, devices, process: int, nproc: int):
-        from flax import nnx
-
-        from m3jax.checkpoint import load_pretrained
-        from m3jax.model import model_from_params
-        from m3jax.tokenizer import Tokenizer
         from m3jax.train.checkpoints import TrainCheckpoints
         from m3jax.train.sharding import make_mesh
 
         self.config, self.out, self.process = config, out, process
         self.primary = process == 0
-        c = config
-        self.cfg, params, self.tok_dir = load_pretrained(model)
+        state = self._load_model(model)
         self.mesh = make_mesh(devices)
         self.world = self.mesh.size
+        rows = self._open_data(sources, nproc)
+        self.total = self._count_steps(rows)
+        self.settings = self._run_settings(model, state, rows, nproc)
+        self._check_settings()
+        self.plan = plan_step(self.cfg, config, self.mesh, self.total)
+        self.state, self.opt_state = self.plan.place(state)
+        self.ckpt = TrainCheckpoints(out / "checkpoints", save_steps=config.save_steps, keep=config.save_total_limit)
+        try:
+            self._resume()
+            self._open_logs()
+        except BaseException:  # fit() closes a _Run it got; this one never reaches it
+            self.ckpt.close()
+            raise
+
+    # ------------------------------------------------------------------------------------------------ set-up
+    def _load_model(self, model) -> Any:
+        """The checkpoint's config and tokenizer directory (on self), and its parameters as a float32 nnx.State of
+        host arrays."""
+        from flax import nnx
+
+        from m3jax.checkpoint import load_pretrained
+        from m3jax.model import model_from_params
+
+        self.cfg, params, self.tok_dir = load_pretrained(model)
+        _, state = nnx.split(model_from_params(self.cfg, params, dtype="float32"))
+        return state
+
+    def _open_data(self, sources, nproc: int) -> int:
+        """This process's TrainData (its devices' rows of each global batch); every row is parsed here, so a bad one
+        fails the run before it starts. Returns the number of rows."""
+        from m3jax.tokenizer import Tokenizer
+
+        c = self.config
         local = sum(d.process_index == jax.process_index() for d in self.mesh.devices.flat)
         self.data = TrainData(sources, Tokenizer(self.tok_dir), c.data, batch_size=c.per_device_batch_size * local,
-                              seed=c.seed, process_index=process, num_processes=nproc,
+                              seed=c.seed, process_index=self.process, num_processes=nproc,
                               shuffle_buffer_size=c.shuffle_buffer_size, pad_id=self.cfg.pad_token_id,
                               **({} if c.length_buckets is None else {"buckets": tuple(c.length_buckets)}))
-        rows = self.data.validate()
+        return self.data.validate()
+
+    def _count_steps(self, rows: int) -> int:
+        """The run's optimiser steps, as the HF Trainer counts them (see the module docstring)."""
+        c = self.config
         global_batch = c.per_device_batch_size * self.world
-        self.batches_per_epoch = rows // global_batch
-        self.steps_per_epoch = self.batches_per_epoch // c.gradient_accumulation_steps
-        if self.steps_per_epoch == 0:
-            raise TrainError(f"{rows} training rows make {self.batches_per_epoch} global batches of {global_batch} "
+        batches_per_epoch = rows // global_batch
+        steps_per_epoch = batches_per_epoch // c.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise TrainError(f"{rows} training rows make {batches_per_epoch} global batches of {global_batch} "
                              f"({c.per_device_batch_size} per device x {self.world} devices), fewer than one "
                              f"optimiser step of {c.gradient_accumulation_steps} micro-batches")
-        self.total = c.max_steps if c.max_steps > 0 else math.ceil(c.num_train_epochs * self.steps_per_epoch)
+        return c.max_steps if c.max_steps > 0 else math.ceil(c.num_train_epochs * steps_per_epoch)
 
-        _, state = nnx.split(model_from_params(self.cfg, params, dtype="float32"))
-        self.settings = {"version": SETTINGS_VERSION, "model": str(model), "model_sha256": _fingerprint(state),
-                         "data": self.data.files, "rows": rows, "devices": self.world, "processes": nproc,
-                         "total_steps": self.total, "config": _jsonable(c.settings())}
-        self._check_settings()
-        self.plan = plan_step(self.cfg, c, self.mesh, self.total)
-        state = _place(state, self.plan.state_shardings)
-        del params
-        self.optim = self.plan.optim
-        with jax.set_mesh(self.mesh):
-            opt_state = jax.jit(self.plan.tx.init, out_shardings=self.plan.opt_shardings)(state)
+    def _run_settings(self, model, state, rows: int, nproc: int) -> dict:
+        """What determines the result: written to train_settings.json and every checkpoint, compared on resume."""
+        from m3jax.checkpoint import params_sha256
 
-        self.ckpt = TrainCheckpoints(out / "checkpoints", save_steps=c.save_steps, keep=c.save_total_limit)
-        self.step, self.epoch, self.consumed = 0, 0, 0
-        self.rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(c.seed)), np.uint32)
-        self.resumed_from = self.ckpt.latest_step()
-        if self.resumed_from is not None:
-            meta = self.ckpt.read_meta(self.resumed_from)
-            if _comparable(meta.get("settings")) != _comparable(self.settings):
-                raise TrainError(f"{self.ckpt.directory / str(self.resumed_from)}: checkpoint of a run with other "
-                                 f"settings: {_diff(meta.get('settings'), self.settings)}")
-            state, opt_state, meta = self.ckpt.restore(self.resumed_from, state, opt_state)
-            self.step, self.epoch, self.consumed = meta["step"], meta["epoch"], meta["batches"]
-            self.rng = np.asarray(meta["rng"], np.uint32)
-            logger.info("resuming from step %d (epoch %d, %d batches in)", self.step, self.epoch, self.consumed)
-        self.state, self.opt_state = state, opt_state
-        self.schedule = None
-        self.log_path = out / LOG
-        if self.primary:
-            _truncate_log(self.log_path, self.step)
-        self.tb = _tensorboard(out / "tensorboard") if self.primary else None
+        return {"version": SETTINGS_VERSION, "model": str(model), "model_sha256": params_sha256(state),
+                "data": self.data.files, "rows": rows, "devices": self.world, "processes": nproc,
+                "total_steps": self.total, "config": _jsonable(self.config.settings())}
 
-    # ----------------------------------------------------------------------------------------------- settings
     def _check_settings(self) -> None:
+        """Refuses an output directory that holds another run; writes train_settings.json into a new one."""
         path = self.out / SETTINGS
         if path.is_file():
             try:
@@ -248,8 +249,9 @@ class _Run:
             except json.JSONDecodeError as e:
                 raise TrainError(f"{path}: unreadable ({e}); not an m3jax training directory?") from None
             if _comparable(old) != _comparable(self.settings):
-                raise TrainError(f"{self.out}: holds a run with other settings ({_diff(old, self.settings)}); use "
-                                 f"another output directory, or the same settings to resume")
+                raise TrainError(f"{self.out}: holds a run with other settings; use another output directory, or "
+                                 f"the same settings to resume. Differences: "
+                                 f"{settings_diff(old, self.settings, SETTINGS)}")
         elif (self.out / "checkpoints").is_dir() and any((self.out / "checkpoints").iterdir()):
             raise TrainError(f"{self.out / 'checkpoints'}: checkpoints without {SETTINGS}; not this run's")
         elif self.primary:
@@ -258,6 +260,30 @@ class _Run:
             tmp.write_text(json.dumps(self.settings, indent=2) + "\n")
             os.replace(tmp, path)
 
+    def _resume(self) -> None:
+        """Continues from the latest checkpoint, if there is one and it is this run's; else starts at step 0."""
+        self.step, self.epoch, self.consumed = 0, 0, 0
+        self.rng = np.asarray(jax.random.key_data(jax.random.PRNGKey(self.config.seed)), np.uint32)
+        self.resumed_from = self.ckpt.latest_step()
+        if self.resumed_from is None:
+            return
+        where = self.ckpt.directory / str(self.resumed_from)
+        old = self.ckpt.read_meta(self.resumed_from).get("settings")
+        if _comparable(old) != _comparable(self.settings):
+            raise TrainError(f"{where}: checkpoint of a run with other settings: "
+                             f"{settings_diff(old, self.settings, 'the checkpoint')}")
+        self.state, self.opt_state, meta = self.ckpt.restore(self.resumed_from, self.state, self.opt_state)
+        self.step, self.epoch, self.consumed = meta["step"], meta["epoch"], meta["batches"]
+        self.rng = np.asarray(meta["rng"], np.uint32)
+        logger.info("resuming from step %d (epoch %d, %d batches in)", self.step, self.epoch, self.consumed)
+
+    def _open_logs(self) -> None:
+        """train_log.jsonl without the rows of steps to be taken again, and TensorBoard (process 0 only)."""
+        self.log_path = self.out / LOG
+        if self.primary:
+            _truncate_log(self.log_path, self.step)
+        self.tb = _tensorboard(self.out / "tensorboard") if self.primary else None
+
     # --------------------------------------------------------------------------------------------- the loop
     def train(self, until_step: int | None = None) -> FitResult:
         from m3jax.train.step import linear_schedule
@@ -265,7 +291,7 @@ class _Run:
         c = self.config
         stop = self.total if until_step is None else min(until_step, self.total)
         A = c.gradient_accumulation_steps
-        schedule = linear_schedule(self.optim)
+        schedule = linear_schedule(self.plan.optim)
         bar = None
         if self.primary and not c.quiet:
             from tqdm.auto import tqdm
@@ -312,13 +338,8 @@ class _Run:
         return it
 
     def _step(self, batches: list[dict]) -> dict:
-        from m3jax.train.step import accumulate_step
-
-        stacked = self._stack(batches)
-        with jax.set_mesh(self.mesh):
-            self.state, self.opt_state, m = accumulate_step(
-                self.plan.graphdef, self.state, self.opt_state, stacked, jnp.int32(self.step), jnp.asarray(self.rng),
-                **self.plan.static)
+        self.state, self.opt_state, m = self.plan.step(self.state, self.opt_state, self._stack(batches),
+                                                       jnp.int32(self.step), jnp.asarray(self.rng))
         self.step += 1
         m = jax.device_get(m)
         return {k: (int(v) if k == "tokens" else float(v)) for k, v in m.items()}
@@ -390,14 +411,31 @@ class _Run:
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     """How fit() compiles its optimiser step (m3jax.train.step.accumulate_step) for a config and mesh: what
-    `m3jax preflight --job train` compiles too."""
+    `m3jax preflight --job train` compiles and benchmarks/bench_train.py times too."""
 
     graphdef: Any  # the model in the compute dtype, with remat as configured
     optim: Any  # m3jax.train.step.OptimConfig
     tx: Any  # the optax transformation
+    mesh: Any  # the step's devices
     state_shardings: Any  # float32 master parameters: replicated, or the FSDP layout
     opt_shardings: Any  # the optimiser state's
     static: dict  # accumulate_step's static keywords
+
+    def place(self, state: Any) -> tuple[Any, Any]:
+        """Float32 master parameters (host arrays, the same in every process) -> (parameters, a fresh optimiser
+        state), global arrays laid out as the step takes them."""
+        state = _place(state, self.state_shardings)
+        with jax.set_mesh(self.mesh):
+            return state, jax.jit(self.tx.init, out_shardings=self.opt_shardings)(state)
+
+    def step(self, state: Any, opt_state: Any, batches: dict, step: jax.Array, rng: jax.Array
+             ) -> tuple[Any, Any, dict]:
+        """fit()'s optimiser step: accumulate_step over this plan (its arguments and result there). state and
+        opt_state are donated: do not reuse them."""
+        from m3jax.train.step import accumulate_step
+
+        with jax.set_mesh(self.mesh):
+            return accumulate_step(self.graphdef, state, opt_state, batches, step, rng, **self.static)
 
     def abstract_inputs(self, cfg: Any, config: TrainConfig, mesh: Any, query_len: int, passage_len: int) -> tuple:
         """ShapeDtypeStructs of accumulate_step's arguments for one step of padded lengths (query, passage):
@@ -429,7 +467,7 @@ def plan_step(cfg: Any, config: TrainConfig, mesh: Any, total_steps: int) -> Ste
 
     from m3jax.model import abstract_model
     from m3jax.train.sharding import tree_shardings
-    from m3jax.train.step import OptimConfig, make_optimizer
+    from m3jax.train.step import make_optimizer
 
     c = config
     compute = "bfloat16" if c.bf16 else "float32"
@@ -437,15 +475,13 @@ def plan_step(cfg: Any, config: TrainConfig, mesh: Any, total_steps: int) -> Ste
     skeleton.encoder.remat = c.remat
     graphdef, _ = nnx.split(skeleton)
     _, state = nnx.split(abstract_model(cfg, dtype="float32"))
-    optim = OptimConfig(num_training_steps=total_steps, learning_rate=c.learning_rate, weight_decay=c.weight_decay,
-                        adam_beta1=c.adam_beta1, adam_beta2=c.adam_beta2, adam_epsilon=c.adam_epsilon,
-                        max_grad_norm=c.max_grad_norm, warmup_ratio=c.warmup_ratio, warmup_steps=c.warmup_steps)
+    optim = c.for_steps(total_steps)
     tx = make_optimizer(state, c.loss, optim)
     state_sh = tree_shardings(state, mesh, c.fsdp)
     opt_sh = tree_shardings(jax.eval_shape(tx.init, state), mesh, c.fsdp)
     static = dict(flags=c.loss, tx=tx, mesh=mesh if mesh.size > 1 else None, fsdp=c.fsdp, compute_dtype=compute,
                   dropout=c.dropout)
-    return StepPlan(graphdef, optim, tx, state_sh, opt_sh, static)
+    return StepPlan(graphdef, optim, tx, mesh, state_sh, opt_sh, static)
 
 
 def lower_step(cfg: Any, config: TrainConfig, mesh: Any, query_len: int, passage_len: int,
@@ -466,16 +502,6 @@ def _place(state, shardings):
         lambda x, s: jax.make_array_from_callback(x.shape, s, lambda idx, x=x: np.asarray(x)[idx]), state, shardings)
 
 
-def _fingerprint(state) -> str:
-    """sha256 over every parameter's path and float32 bytes: identifies the starting weights."""
-    h = hashlib.sha256()
-    flat, _ = jax.tree_util.tree_flatten_with_path(state)
-    for path, leaf in sorted(flat, key=lambda kv: jax.tree_util.keystr(kv[0])):
-        h.update(jax.tree_util.keystr(path).encode())
-        h.update(np.ascontiguousarray(np.asarray(leaf, np.float32)).tobytes())
-    return h.hexdigest()
-
-
 def _comparable(settings):
     """Settings as compared on resume: the model by its weights' hash, not by how its path was spelled."""
     return {k: v for k, v in settings.items() if k != "model"} if isinstance(settings, dict) else settings
@@ -483,20 +509,6 @@ def _comparable(settings):
 
 def _jsonable(x):
     return json.loads(json.dumps(x))
-
-
-def _diff(old: dict | None, new: dict) -> str:
-    if not isinstance(old, dict):
-        return "no settings recorded"
-    out = []
-    for k in sorted(set(old) | set(new)):
-        a, b = old.get(k), new.get(k)
-        if isinstance(a, dict) and isinstance(b, dict):
-            out += [f"{k}.{kk}: {a.get(kk)!r} there, {b.get(kk)!r} now" for kk in sorted(set(a) | set(b))
-                    if a.get(kk) != b.get(kk)]
-        elif a != b:
-            out.append(f"{k}: {str(a)[:80]!r} there, {str(b)[:80]!r} now")
-    return "; ".join(out) or "identical"
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -14,15 +14,15 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from m3jax.train.loss import LossConfig, is_trainable, param_path, value_and_grad
+from m3jax.train.loss import LossConfig, is_trainable, param_path
 
 
-@dataclasses.dataclass(frozen=True)
-class OptimConfig:
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class OptimArgs:
     """transformers.TrainingArguments' optimiser fields, with its defaults (what the M3 runner gets unless the
-    command line says otherwise; the M3 example recipe uses learning_rate 1e-5 and warmup_ratio 0.1)."""
+    command line says otherwise; the M3 example recipe uses learning_rate 1e-5 and warmup_ratio 0.1). The run's
+    length is not one of them: m3jax.train.TrainConfig holds these fields and derives it; OptimConfig adds it."""
 
-    num_training_steps: int
     learning_rate: float = 5e-5
     weight_decay: float = 0.0
     adam_beta1: float = 0.9
@@ -31,6 +31,18 @@ class OptimConfig:
     max_grad_norm: float = 1.0
     warmup_ratio: float = 0.0
     warmup_steps: int = 0
+
+    def for_steps(self, num_training_steps: int) -> OptimConfig:
+        """These fields over a run of num_training_steps optimiser steps."""
+        return OptimConfig(num_training_steps=num_training_steps,
+                           **{f.name: getattr(self, f.name) for f in dataclasses.fields(OptimArgs)})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig(OptimArgs):
+    """The optimiser of a run of num_training_steps optimiser steps (the linear schedule's length)."""
+
+    num_training_steps: int
 
     @property
     def num_warmup_steps(self) -> int:
@@ -52,7 +64,8 @@ def decays(path: str) -> bool:
 
 
 def make_optimizer(state: nnx.State, flags: LossConfig, cfg: OptimConfig) -> optax.GradientTransformation:
-    """Clip, AdamW with the decay mask, schedule; frozen parameters get zero updates (and no optimiser state)."""
+    """Clip, AdamW with the decay mask, schedule; frozen parameters get zero updates (and no optimiser state).
+    Clipping sees only the trainable gradients, as clip_grad_norm_ over parameters whose grad is None would."""
     labels = jax.tree_util.tree_map_with_path(
         lambda kp, _: "train" if is_trainable(param_path(kp), flags) else "frozen", state)
     decay_mask = jax.tree_util.tree_map_with_path(lambda kp, _: decays(param_path(kp)), state)
@@ -60,19 +73,6 @@ def make_optimizer(state: nnx.State, flags: LossConfig, cfg: OptimConfig) -> opt
                         weight_decay=cfg.weight_decay, mask=decay_mask)
     train = optax.chain(optax.clip_by_global_norm(cfg.max_grad_norm), adamw)
     return optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "flags", "tx", "mesh"),
-                   donate_argnames=("state", "opt_state"))
-def train_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.OptState, batch: dict, step: jax.Array,
-               *, flags: LossConfig, tx: optax.GradientTransformation, mesh: jax.sharding.Mesh | None = None
-               ) -> tuple[nnx.State, optax.OptState, jax.Array, dict]:
-    """(new state, new optimiser state, loss, loss parts). state and opt_state are donated: do not reuse them.
-    step: forward calls so far (the reference's model.step, which gates self-distillation)."""
-    (loss, parts), grads = value_and_grad(graphdef, state, batch, step, flags, mesh)
-    # Clipping sees only trainable gradients, as clip_grad_norm_ over parameters whose grad is None would.
-    updates, opt_state = tx.update(grads, opt_state, state)
-    return optax.apply_updates(state, updates), opt_state, loss, parts
 
 
 def cast_params(state: Any, dtype: Any) -> Any:
@@ -92,7 +92,8 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
                     step: jax.Array, rng: jax.Array, *, flags: LossConfig, tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None, fsdp: bool = False, compute_dtype: str = "float32",
                     dropout: bool = True) -> tuple[nnx.State, optax.OptState, dict]:
-    """One optimiser step over A micro-batches, as the HF Trainer takes it with gradient_accumulation_steps = A:
+    """One optimiser step over A micro-batches, as the HF Trainer takes it with gradient_accumulation_steps = A
+    (the step fit() compiles, m3jax.train.loop.StepPlan; A = 1 is a plain step):
     each micro-batch its own forward (its own in-batch negatives), the gradients averaged over the A, then clip and
     AdamW once. state (float32 masters) and opt_state are donated: do not reuse them.
 

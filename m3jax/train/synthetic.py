@@ -1,6 +1,6 @@
 """A synthetic multilingual retrieval task that a model can learn, for the learning test and the fine-tuning notebook.
 
-Six scripts; each has 12 common and 30 rare pseudo-words (m3jax.evaluate.synthetic's). A passage is 3 rare words of
+Six scripts; each has 12 common and 30 rare pseudo-words (m3jax.pseudowords). A passage is 3 rare words of
 its script plus 6 common ones; its query is 2 of its rare words plus 3 common ones. Training rows are random
 combinations, each with 7 negatives of the same script; the held-out set (36 passages by default) uses each rare word
 in exactly one passage, and no held-out passage is a training passage. What transfers is the skill, not the answers:
@@ -12,9 +12,7 @@ from __future__ import annotations
 
 import random
 
-from m3jax.evaluate.synthetic import _word
-
-SCRIPTS = ("latin", "cyrillic", "greek", "arabic", "han", "hangul")
+from m3jax.pseudowords import SCRIPTS, PseudoWords
 
 
 def retrieval_task(seed: int = 0, train: int = 480, held_out: int = 36) -> tuple[list[dict], list[str], list[str]]:
@@ -23,14 +21,7 @@ def retrieval_task(seed: int = 0, train: int = 480, held_out: int = 36) -> tuple
     if not 1 <= held_out <= 60:
         raise ValueError(f"held_out must be in 1 ... 60, got {held_out}")
     rng = random.Random(seed)
-    used: set[str] = set()
-
-    def fresh(s):
-        while (w := _word(rng, s)) in used:
-            pass
-        used.add(w)
-        return w
-
+    fresh = PseudoWords(rng)
     common = {s: [fresh(s) for _ in range(12)] for s in SCRIPTS}
     rare = {s: [fresh(s) for _ in range(30)] for s in SCRIPTS}
 

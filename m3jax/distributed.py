@@ -1,8 +1,5 @@
-"""Multi-host runs: `jax.distributed` from flags or the environment, the shard split, and barriers.
-
-Process p of P owns the shards k with k % P == p; every process reads (but only counts) the rows of the others'
-shards, so the split needs no communication. Each writes its own shards; process 0 writes job.json before the
-first barrier and the manifest after the last.
+"""Multi-host runs (`m3jax embed`, `fit`): `jax.distributed` from flags or the environment, and barriers, on JAX's
+public API.
 
 On a Cloud TPU VM with no coordinator given, jax.distributed.initialize() is called with no arguments: JAX reads
 the pod slice (workers, this worker's index, the coordinator) from the TPU metadata, so every worker of a slice can
@@ -11,8 +8,10 @@ run the very same command (a single-host TPU VM is then one process of one).
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+from pathlib import Path
 
 logger = logging.getLogger("m3jax")
 
@@ -44,45 +43,42 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     elif not coordinator and (num_processes or 1) > 1:
         raise ValueError(f"--num-processes {num_processes} needs --coordinator HOST:PORT")
     elif not coordinator and not jax.distributed.is_initialized() and _on_cloud_tpu_vm():
-        if _backends_initialized():  # too late to join a pod slice: JAX already runs on this host's chips alone
-            logger.warning("Cloud TPU VM, but JAX was initialised before m3jax embed could call "
-                           "jax.distributed.initialize(): running as a single process; on a pod slice call it first")
-        else:
-            try:
-                jax.distributed.initialize()
-            except Exception as e:  # noqa: BLE001 - reworded with what to do instead
+        try:
+            jax.distributed.initialize()
+        except RuntimeError as e:
+            if "before any JAX" not in str(e):
                 raise ValueError(f"Cloud TPU VM: jax.distributed.initialize() could not read the pod slice from the "
                                  f"TPU metadata ({type(e).__name__}: {e}); pass --coordinator HOST:PORT "
                                  "--num-processes P --process-id p instead") from e
+            # Too late to join a pod slice: JAX already runs on this host's chips alone.
+            logger.warning("Cloud TPU VM, but JAX computed before m3jax could call jax.distributed.initialize(): "
+                           "running as a single process; on a pod slice call it first")
     return jax.process_index(), jax.process_count()
 
 
+GOOGLE_PCI_VENDOR = "0x1ae0"  # the PCI vendor id of TPU chips
+
+
 def _on_cloud_tpu_vm() -> bool:
-    try:
-        from jax._src import cloud_tpu_init
-    except ImportError:
+    """Whether this host has TPU chips (Google PCI devices) and libtpu: a Cloud TPU VM, whose pod slice
+    jax.distributed.initialize() reads from the TPU metadata."""
+    if importlib.util.find_spec("libtpu") is None:
         return False
-    return bool(getattr(cloud_tpu_init, "running_in_cloud_tpu_vm", False))
+    for vendor in Path("/sys/bus/pci/devices").glob("*/vendor"):
+        try:
+            if vendor.read_text().strip() == GOOGLE_PCI_VENDOR:
+                return True
+        except OSError:
+            continue
+    return False
 
 
-def _backends_initialized() -> bool:
-    from jax._src import xla_bridge
-
-    return xla_bridge.backends_are_initialized()
-
-
-def barrier(name: str, timeout_s: float = 3600.0) -> None:
+def barrier(name: str) -> None:
     """Waits until every process reached the barrier `name` (no-op for one process)."""
     import jax
 
     if jax.process_count() == 1:
         return
-    from jax._src import distributed
+    from jax.experimental import multihost_utils
 
-    client = distributed.global_state.client
-    if client is not None:  # the coordinator's barrier: no device collective needed (CPU hosts have none)
-        client.wait_at_barrier(f"m3jax-embed-{name}", int(timeout_s * 1000))
-    else:
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices(f"m3jax-embed-{name}")
+    multihost_utils.sync_global_devices(f"m3jax-{name}")
