@@ -338,10 +338,11 @@ def _add_embed(sub) -> None:
     m.add_argument("--output", required=True, help="output directory (local or URL); rerun to resume")
     m.add_argument("--outputs", default="dense,sparse,colbert", help="comma-separated: dense, sparse, colbert")
     m.add_argument("--max-length", type=int, default=512, help="tokens per text, longer ones are truncated")
-    m.add_argument("--batch-size", type=int, default=256, help="most rows per device batch")
+    m.add_argument("--batch-size", type=int, default=256, help="most rows of a batch, over this host's devices")
     m.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="token budget per batch (default: 16384 on CPU; on accelerators the rows that fit memory)")
-    m.add_argument("--length-buckets", default=None, help="comma-separated padded lengths (default: m3jax's 53); the "
+    m.add_argument("--length-buckets", default=None, help="comma-separated padded lengths (default: the platform's, "
+                                                          "m3jax.pipeline.default_length_buckets); the "
                                                           "largest must hold --max-length")
     m.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
     m.add_argument("--id-field", default=None, help="JSONL field / Parquet column of the id (default: row position)")

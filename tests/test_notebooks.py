@@ -161,6 +161,11 @@ def test_notebooks_install_from_the_project_source_only():
     readme = (ROOT / "README.md").read_text()
     for line in re.findall(r"pip install[^\n]*m3jax\[[^\n]*", readme):
         assert "-e " in line or f"git+{url}" in line, line
+    # Every mention of the repository (install lines, Open-in-Colab links) names the same one.
+    owner = url.removeprefix("https://github.com/").removesuffix("/m3jax")
+    for path in [ROOT / "README.md", *(ROOT / "docs").glob("*.md"), *(ROOT / "colab").glob("*.ipynb")]:
+        for found in re.findall(r"github(?:\.com)?/([^/\s\"')]+)/m3jax\b", path.read_text()):
+            assert found == owner, f"{path.relative_to(ROOT)} names github.com/{found}/m3jax, not {url}"
 
 
 def test_install_cell_with_the_placeholder_stops_with_one_line(monkeypatch, capsys):

@@ -8,7 +8,7 @@ rows are only counted), removes temporary leftovers and writes the rest exactly 
 
 Multi-host (m3jax.distributed): process p of P owns the shards k with k % P == p; every process reads (but only
 counts) the rows of the others' shards, so the split needs no communication. Each writes its own shards; process 0
-writes job.json before the first barrier and the manifest after the last.
+writes _job.json before the first barrier and the manifest after the last.
 """
 
 from __future__ import annotations
@@ -474,7 +474,7 @@ def _progress():
 
 def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Settings, dims: dict, encoder,
                     nproc: int) -> dict:
-    """Checks that shards 0 ... K-1 are all there and finished, then writes manifest.json (process 0)."""
+    """Checks that shards 0 ... K-1 are all there and finished, then writes _manifest.json (process 0)."""
     n_shards = -(-total_rows // settings.shard_size)
     finals, _ = writer.list_shards(fs, root)
     shards = []
