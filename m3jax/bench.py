@@ -22,8 +22,8 @@ _WORDS = (
     "서울 대한민국 수도 Παρθενώνας ναός Ακρόπολη Αθήνας 1984 2024 3.14 BM25 ColBERT XLM-RoBERTa"
 ).split()
 
-# Stated peaks for the fraction-of-peak figure (dense matmul, per device): a 2-core x86 CPU's float32 XLA matmul rate
-# as measured for the project's benchmarks, the H200's dense bf16 figure, a TPU v5p chip's bf16 figure.
+# Stated peaks for the fraction-of-peak figure (dense matmul, per device; --peak-flops gives the real one): for CPUs,
+# whose peak varies by model and core count, a nominal figure; the H200's dense bf16 figure; a TPU v5p chip's bf16.
 PEAK_FLOPS = {"cpu": 250e9, "gpu": 790e12, "tpu": 459e12}
 
 WORKLOADS = {
