@@ -98,7 +98,7 @@ def embed(args) -> int:
 
     buckets = [int(x) for x in args.length_buckets.split(",")] if args.length_buckets else None
     try:
-        embed_corpus(args.inputs, args.model, args.output,
+        embed_corpus(args.inputs, args.model, args.output, files=True, source_id=args.source_id,
                      outputs=[h.strip() for h in args.outputs.split(",") if h.strip()],
                      max_length=args.max_length, length_buckets=buckets, batch_size=args.batch_size,
                      max_tokens_per_batch=args.max_tokens_per_batch, text_field=args.text_field,
@@ -344,6 +344,9 @@ def _add_embed(sub) -> None:
     m.add_argument("--length-buckets", default=None, help="comma-separated padded lengths (default: the platform's, "
                                                           "m3jax.pipeline.default_length_buckets); the "
                                                           "largest must hold --max-length")
+    m.add_argument("--source-id", default=None, help="a name for the input, part of the job's identity: a resume "
+                                                      "under another one is refused (every shard also checks its "
+                                                      "input rows' sha256)")
     m.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
     m.add_argument("--id-field", default=None, help="JSONL field / Parquet column of the id (default: row position)")
     m.add_argument("--shard-size", type=int, default=10_000, help="input rows per output shard")

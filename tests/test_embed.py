@@ -255,8 +255,8 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
 
 
 def test_resume_redoes_only_missing_shards(tmp_path, model_dir):
-    """Parquet (row groups of 3 across shards of 8) and JSONL: delete finished shards, rerun; only those are redone,
-    skipping the others' rows without parsing them, and the files come back byte for byte."""
+    """Parquet (row groups of 3 across shards of 8) and JSONL: delete finished shards, rerun; only those are redone
+    (the others' rows are re-read only to check their sha256), and the files come back byte for byte."""
     n = len(TEXTS)
     pq.write_table(pa.table({"text": TEXTS}), tmp_path / "c.parquet", row_group_size=3)
     (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
@@ -299,6 +299,69 @@ def test_rerun_with_other_settings_or_model_stops(tmp_path, model_dir):
     with pytest.raises(EmbedError, match=r"input\.files\[0\]\.size: \d+ .* != \d+"):
         embed(src, model_dir, out, shard_size=4, window=4, **SET)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+
+
+def test_resume_refuses_an_edited_input_naming_the_shard(tmp_path, model_dir):
+    """Each shard records the sha256 of its input rows; a resume re-reads its finished shards' rows. One text changed
+    (the file keeps its size, so its job key is the same) or an iterable of other texts is refused, naming the shard,
+    before anything is written; the unchanged input resumes. Another source_id is another job."""
+    texts = [f"text number {i:02d}" for i in range(12)]
+    src = write_txt(tmp_path / "c.txt", texts)
+    out = tmp_path / "out"
+    embed(src, model_dir, out, shard_size=4, window=4, **SET)
+    (out / "shard-00002.parquet").unlink()
+    (out / "_manifest.json").unlink()
+    before = sorted(p.name for p in out.iterdir())
+    write_txt(tmp_path / "c.txt", texts[:5] + ["text number XX"] + texts[6:])  # same size, row 5 differs
+    with pytest.raises(EmbedError, match=r"shard 1: input rows 4 \.\.\. 7 are not the ones it was written from"):
+        embed(src, model_dir, out, shard_size=4, window=4, **SET)
+    assert sorted(p.name for p in out.iterdir()) == before  # nothing written, no lock left
+    write_txt(tmp_path / "c.txt", texts)
+    m = embed(src, model_dir, out, shard_size=4, window=4, **SET)
+    assert m["run"]["skipped_shards"] == [0, 1] and m["rows"] == 12
+
+    it = tmp_path / "it"
+    embed(iter(texts), model_dir, it, shard_size=4, window=4, **SET)
+    (it / "shard-00001.parquet").unlink()
+    with pytest.raises(EmbedError, match=r"shard 0: input rows 0 \.\.\. 3 are not the ones"):
+        embed(iter(["another corpus"] + texts[1:]), model_dir, it, shard_size=4, window=4, **SET)
+    with pytest.raises(EmbedError, match=r"input\.source_id"):
+        embed(iter(texts), model_dir, it, source_id="corpus-v2", shard_size=4, window=4, **SET)
+    assert embed(iter(texts), model_dir, it, shard_size=4, window=4, **SET)["run"]["skipped_shards"] == [0, 2]
+
+
+def test_texts_are_texts_and_paths_are_paths(tmp_path, model_dir):
+    """A list of strings is texts; one that names only existing files is refused as ambiguous unless `files` says
+    which; a str or os.PathLike is a path."""
+    a, b = write_txt(tmp_path / "a.txt", ["alpha", "beta"]), write_txt(tmp_path / "b.txt", ["gamma"])
+    assert embed(["alpha", "beta", "gamma"], model_dir, tmp_path / "o1", **SET)["rows"] == 3
+    with pytest.raises(EmbedError, match=r"a list of 2 strings that all name files.*files=True.*files=False"):
+        embed([str(a), str(b)], model_dir, tmp_path / "o2", **SET)
+    assert embed([str(a), str(b)], model_dir, tmp_path / "o3", files=True, **SET)["rows"] == 3
+    assert embed([str(a), str(b)], model_dir, tmp_path / "o4", files=False, **SET)["rows"] == 2
+    assert embed([Path(a), Path(b)], model_dir, tmp_path / "o5", **SET)["rows"] == 3
+    with pytest.raises(EmbedError, match="files=False takes an iterable of texts"):
+        embed(str(a), model_dir, tmp_path / "o6", files=False, **SET)
+    with pytest.raises(EmbedError, match="files=True takes a path"):
+        embed(iter(["x"]), model_dir, tmp_path / "o7", files=True, **SET)
+
+
+def test_a_second_run_into_the_same_output_is_refused(tmp_path, model_dir):
+    """_lock marks a directory a run is writing: another live holder (here: another host) is refused with its name;
+    a holder of this host that is gone (a killed run) is taken over; the lock is removed when the run ends."""
+    import socket
+
+    src = write_txt(tmp_path / "c.txt", ["one", "two", "three"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lock").write_text(json.dumps({"host": "other-host", "pid": 1, "run": "x", "since": "then"}))
+    with pytest.raises(EmbedError, match=r"another run is writing it \(host other-host pid 1 since then.*delete"):
+        embed(src, model_dir, out, **SET)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (out / "_lock").write_text(json.dumps({"host": socket.gethostname(), "pid": int(dead.stdout), "run": "y",
+                                           "since": "then"}))
+    assert embed(src, model_dir, out, **SET)["rows"] == 3
+    assert not (out / "_lock").exists()
 
 
 def test_fingerprint_is_computed_once_per_state(model_dir):

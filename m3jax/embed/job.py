@@ -85,7 +85,8 @@ class Settings:
 
 
 def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, output: str | os.PathLike, *,
-          outputs: Sequence[str] = pipeline.HEADS, max_length: int = 512, batch_size: int = 256,
+          files: bool | None = None, source_id: str | None = None, outputs: Sequence[str] = pipeline.HEADS,
+          max_length: int = 512, batch_size: int = 256,
           shard_size: int = 10_000, window: int = 4096, window_tokens: int = 1 << 20, dense_dtype: str = "float32",
           colbert_dtype: str = "float16", text_field: str = "text", id_field: str | None = None,
           dtype: str = "float32", attn_impl: str = "auto", max_tokens_per_batch: int | None = None,
@@ -98,6 +99,12 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     Args:
       source: a path, URL or glob (`.txt`, `.jsonl`, `.parquet`, optionally compressed) or a list of them; or any
         other iterable of (id, text) pairs or of strings (an id None, or a plain string, gets its input position).
+      files: whether `source` names files. None: by type (a str or os.PathLike, or a list of os.PathLike, names
+        files; any other iterable holds texts), except that a list of strings that all name existing files, globs or
+        URLs is refused as ambiguous; True: a path, URL or glob, or a list of them; False: texts.
+      source_id: a name for the input, part of the job's identity (a resume under another source_id is refused).
+        Whatever it is, every shard records the sha256 of its input rows (ids and texts), and a resume re-reads the
+        rows of its finished shards and refuses to go on if any changed, naming the shard: two corpora never mix.
       model: a model path (m3jax or release directory, hub id), loaded with dtype, attn_impl, length_buckets and
         max_tokens_per_batch and kept for the next call in this process; or an Encoder built with those same
         values (they are recorded in the job settings as passed here).
@@ -122,8 +129,8 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     if set(outputs) - set(pipeline.HEADS):
         raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {tuple(outputs)!r}")
     settings.check(None)
-    files = _files(source)
-    inputs = resolve_inputs(files) if files is not None else None
+    paths = _files(source, files)
+    inputs = resolve_inputs(paths) if paths is not None else None
 
     import fsspec
 
@@ -146,15 +153,32 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
            "settings": recorded,
            "input": {"files": [{"path": f["path"], "size": f["size"]} for f in inputs]} if inputs is not None
            else {"iterable": True}}
+    if source_id is not None:
+        job["input"]["source_id"] = str(source_id)
     job = json.loads(json.dumps(job))  # tuples as lists, as they read back
     key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     job["key"] = key
 
+    lock = writer.OutputLock(fs, root)
     if pid == 0:
         fresh = _check_output(fs, root, job, output)
         fs.makedirs(root, exist_ok=True)
+        try:
+            lock.acquire(output)
+        except writer.LockedError as e:
+            raise EmbedError(str(e)) from None
         if fresh:
             writer.write_json(fs, posixpath.join(root, writer.JOB_FILE), job)
+    try:
+        return _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims, pid, nproc, quiet,
+                        callback, t_start)
+    finally:
+        lock.release()
+
+
+def _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims, pid, nproc, quiet, callback,
+             t_start):
+    """embed() once the job is known and its output directory held: resume scan, the loop, the manifest."""
     distributed.barrier("job")
     if pid != 0:
         _check_output(fs, root, job, output)
@@ -170,7 +194,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     for k, path in tmps.items():  # leftovers of a killed run; each process cleans its own
         if k % nproc == pid:
             fs.rm(path)
-    schema = writer.schema(settings.outputs, dims, dense_dtype, colbert_dtype)
+    schema = writer.schema(settings.outputs, dims, settings.dense_dtype, settings.colbert_dtype)
 
     stats = _Stats()
     progress = None if quiet else _progress()
@@ -195,7 +219,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
         while pending and not isinstance(pending[0], Window):
             item = pending.popleft()
             if isinstance(item, ShardEnd):
-                info = open_writer.commit()
+                info = open_writer.commit(input_sha256=item.input_sha256)
                 open_writer = None
                 stats.shards_written += 1
                 if callback is not None:
@@ -263,12 +287,52 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
 
 
 # ------------------------------------------------------------------------------------------------------ pieces
-def _files(source) -> list[str] | None:
-    if isinstance(source, (str, os.PathLike)):
+def _files(source, files: bool | None) -> list[str] | None:
+    """The paths `source` names, or None when it holds texts (see embed's `files`)."""
+    single = isinstance(source, (str, os.PathLike))
+    listed = isinstance(source, (list, tuple)) and bool(source) and all(isinstance(s, (str, os.PathLike))
+                                                                        for s in source)
+    if files is False:
+        if single:
+            raise EmbedError(f"files=False takes an iterable of texts or (id, text) pairs, got one "
+                             f"{type(source).__name__} ({os.fspath(source)!r:.60}); pass [text] for one text")
+        return None
+    if single:
         return [os.fspath(source)]
-    if isinstance(source, (list, tuple)) and source and all(isinstance(s, (str, os.PathLike)) for s in source):
+    if listed and (files or all(isinstance(s, os.PathLike) for s in source)):
         return [os.fspath(s) for s in source]
+    if files:
+        raise EmbedError(f"files=True takes a path, URL or glob or a list of them, got {type(source).__name__}")
+    if listed and all(_names_input(os.fspath(s)) for s in source):
+        raise EmbedError(f"source: a list of {len(source)} strings that all name files, globs or URLs (the first: "
+                         f"{os.fspath(source[0])!r:.60}); pass files=True to read them, or files=False to embed the "
+                         "strings themselves")
     return None
+
+
+def _names_input(s: str) -> bool:
+    import glob
+
+    return "://" in s or glob.has_magic(s) or os.path.isfile(s)
+
+
+def _hash_rows(h, rows) -> None:
+    """Adds (id, text) rows to a sha256: the identity of a shard's input."""
+    for rid, text in rows:
+        h.update(json.dumps([rid, text], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        h.update(b"\n")
+
+
+def _read_done_shard(rows: Rows, n: int, chunk: int) -> tuple[int, str]:
+    """Reads (not embeds) the next n rows, a finished shard's: (how many there were, their sha256)."""
+    h, got = hashlib.sha256(), 0
+    while got < n:
+        part = rows.take(min(chunk, n - got))
+        _hash_rows(h, part)
+        got += len(part)
+        if not part:
+            break
+    return got, h.hexdigest()
 
 
 _LAST_ENCODER: dict = {}  # the last model loaded, so repeated calls in one process reuse it and its executables
@@ -316,19 +380,24 @@ def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, 
         while True:
             start = rows.position
             if k % nproc != pid or k in done:
-                n = rows.skip(S)
+                n, digest = _read_done_shard(rows, S, settings.window) if k in done else (rows.skip(S), None)
                 if k in done and (n != done[k]["rows"] or start != done[k]["first_row"]):
                     raise EmbedError(f"shard {k} was written from input rows {done[k]['first_row']} ... "
                                      f"{done[k]['first_row'] + done[k]['rows'] - 1}, but the input now has rows "
                                      f"{start} ... {start + n - 1} there: the input changed since")
+                if k in done and done[k].get("input_sha256", digest) != digest:
+                    raise EmbedError(f"shard {k}: input rows {start} ... {start + n - 1} are not the ones it was "
+                                     "written from (their sha256 differs): the input changed since; resuming would "
+                                     "mix two corpora. Restore the input, or use a new output directory")
                 if n < S:
                     break
                 k += 1
                 continue
-            taken = 0
+            taken, h = 0, hashlib.sha256()
             while taken < S:
                 want = min(settings.window, S - taken)
                 chunk = rows.take(want)
+                _hash_rows(h, chunk)
                 if chunk:
                     yield from plan_windows(encoder, k, start + taken, chunk, max_length=settings.max_length,
                                             batch_size=settings.batch_size, window_tokens=settings.window_tokens,
@@ -337,7 +406,7 @@ def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, 
                 if len(chunk) < want:
                     break
             if taken:
-                yield ShardEnd(k, start, taken)
+                yield ShardEnd(k, start, taken, h.hexdigest())
             if taken < S:
                 break
             k += 1

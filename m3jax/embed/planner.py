@@ -35,6 +35,7 @@ class ShardEnd:
     shard: int
     start: int
     rows: int
+    input_sha256: str = ""  # of the shard's input rows (ids and texts): a resume checks them against it
 
 
 def split_by_tokens(lengths: np.ndarray, window_tokens: int) -> list[tuple[int, int]]:

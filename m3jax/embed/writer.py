@@ -7,15 +7,20 @@ Columns (any reader of Parquet takes them: pyarrow, pandas, datasets, DuckDB):
   dense fixed_size_list<float32 | float16>[D]; sparse_ids list<int32> and sparse_weights list<float32> (unique token
   ids in order of first occurrence); colbert list<fixed_size_list<float16 | float32>[C]> (tokens - 1 vectors).
 A shard is written under a temporary name (`_tmp.shard-00000.parquet`) and renamed when complete; its footer
-carries the job's settings hash, its index, first input row and counts, so a resume can tell a finished shard from
-a foreign or stale file.
+carries the job's settings hash, its index, first input row, counts and the sha256 of its input rows, so a resume
+can tell a finished shard from a foreign or stale file, and an unchanged input from an edited one. `_lock` marks a
+directory a run is writing.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import posixpath
 import re
+import socket
+import time
+import uuid
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,7 @@ FORMAT = "m3jax.embed"
 VERSION = 1
 JOB_FILE = "_job.json"
 MANIFEST = "_manifest.json"
+LOCK_FILE = "_lock"
 META_KEY = b"m3jax.embed"
 _SHARD = re.compile(r"^shard-(\d{5,})\.parquet$")
 _TMP = re.compile(r"^_tmp\.shard-(\d{5,})\.parquet$")
@@ -82,8 +88,8 @@ class ShardWriter:
         self.rows += table.num_rows
         self.tokens, self.empty, self.truncated = self.tokens + tokens, self.empty + empty, self.truncated + truncated
 
-    def commit(self) -> dict:
-        info = {**self.meta, "file": shard_name(self.k), "rows": self.rows, "tokens": self.tokens,
+    def commit(self, **extra) -> dict:
+        info = {**self.meta, **extra, "file": shard_name(self.k), "rows": self.rows, "tokens": self.tokens,
                 "empty_texts": self.empty, "truncated": self.truncated}
         self._w.add_key_value_metadata({META_KEY: json.dumps(info).encode()})
         self._w.close()
@@ -98,6 +104,77 @@ class ShardWriter:
         finally:
             if self.fs.exists(self.tmp):
                 self.fs.rm(self.tmp)
+
+
+class LockedError(RuntimeError):
+    """Another run holds the output directory's lock."""
+
+
+class OutputLock:
+    """`_lock` in an output directory while a job writes it (process 0 of a run holds it for all its processes), so
+    that a second run into the same directory is refused instead of racing the first. A lock whose holder was on this
+    host and is gone (killed) is taken over. Local directories are locked atomically (O_EXCL); on object stores the
+    lock is written, then read back to check that this run holds it (a best effort: they have no atomic create)."""
+
+    def __init__(self, fs, root: str):
+        self.fs, self.path = fs, posixpath.join(root, LOCK_FILE)
+        self.owner = {"host": socket.gethostname(), "pid": os.getpid(), "run": uuid.uuid4().hex,
+                      "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        self.held = False
+
+    def acquire(self, output) -> None:
+        for _ in range(2):  # a second try after taking over a dead holder's lock
+            if self._create():
+                self.held = True
+                return
+            other = read_json(self.fs, self.path)
+            if other is None or not self._dead(other):
+                who = "an unreadable lock" if other is None else (
+                    f"host {other.get('host')} pid {other.get('pid')} since {other.get('since')}")
+                raise LockedError(f"output {output}: another run is writing it ({who}: {self.path}); wait for it, "
+                                   f"or if it is no longer running, delete {self.path}")
+            self.fs.rm(self.path)
+        raise LockedError(f"output {output}: could not take {self.path}")
+
+    def release(self) -> None:
+        if self.held and self.fs.exists(self.path):
+            self.fs.rm(self.path)
+        self.held = False
+
+    def _create(self) -> bool:
+        data = json.dumps(self.owner).encode()
+        if "file" in _protocols(self.fs):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+            return True
+        if self.fs.exists(self.path):
+            return False
+        with self.fs.open(self.path, "wb") as f:
+            f.write(data)
+        return read_json(self.fs, self.path) == self.owner
+
+    def _dead(self, other: dict) -> bool:
+        """Whether the holder was a process of this host that no longer exists (or this very process)."""
+        if other.get("host") != self.owner["host"] or not isinstance(other.get("pid"), int):
+            return False
+        if other["pid"] == os.getpid():
+            return True
+        try:
+            os.kill(other["pid"], 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+
+def _protocols(fs) -> tuple[str, ...]:
+    p = fs.protocol
+    return (p,) if isinstance(p, str) else tuple(p)
 
 
 def shard_info(fs, path: str) -> dict | None:
