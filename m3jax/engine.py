@@ -416,10 +416,10 @@ class Encoder:
 
     # ------------------------------------------------------------------------------------------------ run
     def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS,
-                   mcls_interval: int | None = None):
-        """The compiled encode step for one bucket shape [rows, length] (of MCLS rows with mcls_interval), compiled
-        ahead of time on first use (or fetched from the persistent compilation cache); `compile_seconds` records
-        how long each took."""
+                   mcls_interval: int | None = None, out_dtypes: tuple[tuple[str, str], ...] = ()):
+        """The compiled encode step for one bucket shape [rows, length] (of MCLS rows with mcls_interval; outputs
+        cast on the device per out_dtypes, see pipeline.encode_step), compiled ahead of time on first use (or
+        fetched from the persistent compilation cache); `compile_seconds` records how long each took."""
         heads = tuple(h for h in pipeline.HEADS if h in heads)
         static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling, normalize=self.normalize,
                       truncate_dim=self.truncate_dim, special_ids=self.config.special_ids)
@@ -427,6 +427,10 @@ class Encoder:
         if mcls_interval is not None:  # the plain step keeps its key and its executable, exactly as without MCLS
             static["mcls_interval"] = mcls_interval
             key = (*key, mcls_interval)
+        out_dtypes = tuple((h, str(d)) for h, d in out_dtypes if h in heads and str(d) != "float32")
+        if out_dtypes:  # likewise: float32 outputs keep the plain key
+            static["out_dtypes"] = out_dtypes
+            key = (*key, out_dtypes)
         exe = self._compiled.get(key)
         if exe is None:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
@@ -440,21 +444,29 @@ class Encoder:
             self._compiled[key] = exe
         return exe
 
-    def dispatch(self, batch: pipeline.Batch, heads: Sequence[str] = pipeline.HEADS) -> pipeline.EncodeOutputs:
-        """Starts one batch on the devices and returns without waiting (device arrays, all rows)."""
+    def dispatch(self, batch: pipeline.Batch, heads: Sequence[str] = pipeline.HEADS,
+                 out_dtypes: tuple[tuple[str, str], ...] = ()) -> pipeline.EncodeOutputs:
+        """Starts one batch on the devices, and its outputs' copy to the host as soon as they are ready, and returns
+        without waiting (device arrays, all rows)."""
         ids, mask = batch.input_ids, batch.attention_mask
         if self.row_sharding is not None:
             ids, mask = jax.device_put((ids, mask), self.row_sharding)
-        return self.executable(ids.shape[1], ids.shape[0], heads, batch.mcls_interval)(self.state, ids, mask)
+        exe = self.executable(ids.shape[1], ids.shape[0], heads, batch.mcls_interval, out_dtypes)
+        out = exe(self.state, ids, mask)
+        for x in out:
+            if x is not None:
+                x.copy_to_host_async()
+        return out
 
-    def run(self, batches: Iterable[pipeline.Batch], heads: Sequence[str] = pipeline.HEADS
-            ) -> Iterator[tuple[pipeline.Batch, pipeline.EncodeOutputs]]:
+    def run(self, batches: Iterable[pipeline.Batch], heads: Sequence[str] = pipeline.HEADS,
+            out_dtypes: tuple[tuple[str, str], ...] = ()) -> Iterator[tuple[pipeline.Batch, pipeline.EncodeOutputs]]:
         """Yields (batch, outputs on the host trimmed to the batch's real rows), keeping one batch in flight
-        ahead so the host's work on a result overlaps the next batch's compute."""
+        ahead so the host's work on a result overlaps the next batch's compute. out_dtypes: outputs cast on the
+        device (see pipeline.encode_step)."""
         heads = _check_heads(heads)
         pending = None
         for batch in batches:
-            current = (batch, self.dispatch(batch, heads))
+            current = (batch, self.dispatch(batch, heads, out_dtypes))
             if pending is not None:
                 yield _fetch(*pending)
             pending = current

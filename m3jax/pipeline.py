@@ -253,13 +253,16 @@ def unpad(out: EncodeOutputs, lengths: np.ndarray) -> RaggedOutputs:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "attn_impl", "pooling", "normalize",
-                                             "truncate_dim", "special_ids", "mcls_interval", "projections"))
+                                             "truncate_dim", "special_ids", "mcls_interval", "projections",
+                                             "out_dtypes"))
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
                 heads: tuple[str, ...], attn_impl: str = "auto", pooling: str = "cls", normalize: bool = True,
                 truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3),
-                mcls_interval: int | None = None, projections: str = "xla") -> EncodeOutputs:
+                mcls_interval: int | None = None, projections: str = "xla",
+                out_dtypes: tuple[tuple[str, str], ...] = ()) -> EncodeOutputs:
     """One padded batch through the model; returns only the requested heads (XLA prunes the rest).
-    projections: see BGEM3Model.
+    projections: see BGEM3Model. out_dtypes: (("dense" or "colbert", dtype), ...), those outputs cast on the device
+    (a float16 ColBERT output is half the bytes to copy to the host), float32 otherwise.
 
     mcls_interval: the rows are insert_cls layouts of this interval. Dense is then the mean of the hidden states at
     every CLS position; sparse drops the inserted `<s>` as every special id; ColBERT drops the inserted positions,
@@ -276,8 +279,11 @@ def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, 
         ids, weights = aggregate_sparse(input_ids, out.sparse, attention_mask, special_ids)
     if "colbert" in heads:
         colbert = out.colbert if inserted is None else drop_positions(out.colbert, inserted[:, 1:])
-    return EncodeOutputs(dense=out.dense if "dense" in heads else None, sparse_ids=ids, sparse_weights=weights,
-                         colbert=colbert)
+    cast = dict(out_dtypes)
+    dense = out.dense.astype(cast.get("dense", jnp.float32)) if "dense" in heads else None
+    if colbert is not None:
+        colbert = colbert.astype(cast.get("colbert", jnp.float32))
+    return EncodeOutputs(dense=dense, sparse_ids=ids, sparse_weights=weights, colbert=colbert)
 
 
 @dataclasses.dataclass

@@ -364,6 +364,27 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, model_dir):
     assert not (out / "_lock").exists()
 
 
+def test_outputs_are_cast_on_the_device(model_dir):
+    """The job's float16 outputs are cast inside the compiled step, so the host receives half the bytes per token
+    for them, and the values are the host-side cast of the float32 ones, bit for bit."""
+    from m3jax.engine import Encoder
+
+    enc = Encoder.from_pretrained(model_dir, length_buckets=BUCKETS)
+    ids, _, _ = enc.tokenize(TEXTS[:9], 64)
+    batches = list(enc.batches(ids, batch_size=4))
+    wide = list(enc.run(batches))
+    narrow = list(enc.run(batches, out_dtypes=(("dense", "float16"), ("colbert", "float16"))))
+    tokens = sum(b.input_ids.size for b in batches)
+    per_token = {name: sum(o.dense.nbytes + o.colbert.nbytes for _, o in runs) / tokens
+                 for name, runs in (("float32", wide), ("float16", narrow))}
+    assert per_token["float16"] == per_token["float32"] / 2, per_token
+    for (_, a), (_, b) in zip(wide, narrow, strict=True):
+        assert b.dense.dtype == b.colbert.dtype == np.float16 and b.sparse_weights.dtype == np.float32
+        np.testing.assert_array_equal(b.colbert, a.colbert.astype(np.float16))
+        np.testing.assert_array_equal(b.dense, a.dense.astype(np.float16))
+        np.testing.assert_array_equal(b.sparse_ids, a.sparse_ids)
+
+
 def test_fingerprint_is_computed_once_per_state(model_dir):
     import jax
 

@@ -227,7 +227,8 @@ def _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims
 
     acc: _WindowOutputs | None = None
     try:
-        for batch, out in encoder.run(batches(), heads=settings.outputs):
+        out_dtypes = (("dense", settings.dense_dtype), ("colbert", settings.colbert_dtype))
+        for batch, out in encoder.run(batches(), heads=settings.outputs, out_dtypes=out_dtypes):
             flush_ended()
             w = pending[0]
             if acc is None or acc.window is not w:
@@ -480,11 +481,12 @@ class _WindowOutputs:
         self.idx.append(idx)
         rows = pipeline.unpad(out, self.window.lengths[idx])
         if rows.dense is not None:
-            self.dense.append(rows.dense.astype(self.settings.dense_dtype))
+            self.dense.append(rows.dense.astype(self.settings.dense_dtype, copy=False))
         if rows.sparse_ids is not None:
             self.sparse.append((np.diff(rows.sparse_offsets), rows.sparse_ids, rows.sparse_weights))
         if rows.colbert is not None:
-            self.colbert.append((np.diff(rows.colbert_offsets), rows.colbert.astype(self.settings.colbert_dtype)))
+            vecs = rows.colbert.astype(self.settings.colbert_dtype, copy=False)  # cast on the device already
+            self.colbert.append((np.diff(rows.colbert_offsets), vecs))
 
     def columns(self) -> dict:
         import pyarrow as pa
