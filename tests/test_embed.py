@@ -4,6 +4,7 @@ bounded memory; the reader and CorpusIndex round trip. Tiny model, a few compile
 import gzip
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -362,6 +363,39 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, model_dir):
                                            "since": "then"}))
     assert embed(src, model_dir, out, **SET)["rows"] == 3
     assert not (out / "_lock").exists()
+
+
+def test_odd_inputs_embed_or_fail_naming_the_row(tmp_path, model_dir):
+    """Inputs that are legal but odd embed and are counted; broken ones fail naming the file and line or the item,
+    with nothing written as finished: NUL bytes and whitespace-only lines are texts; a 1,000,000-character text is
+    truncated and counted; a truncated gzip, a non-string text and an unpaired surrogate (possible only in a Python
+    iterable) are errors."""
+    import gzip
+
+    def run(name, src, **k):
+        return embed(src, model_dir, tmp_path / name, shard_size=4, **SET, **k)
+
+    assert run("nul", write_txt(tmp_path / "nul.txt", ["a\x00b", "plain"]))["rows"] == 2
+    m = run("ws", write_txt(tmp_path / "ws.txt", ["   ", "\t", "", "x"]))
+    assert m["rows"] == 4 and m["shards"][0]["empty_texts"] == 1
+    m = run("big", write_txt(tmp_path / "big.txt", ["word " * 200_000]))
+    assert m["rows"] == 1 and m["shards"][0]["truncated"] == 1
+    data = gzip.compress(b"".join(json.dumps({"text": f"t{i}"}).encode() + b"\n" for i in range(50)))
+    (tmp_path / "cut.jsonl.gz").write_bytes(data[: len(data) // 2])
+    with pytest.raises(InputError, match=r"cut\.jsonl\.gz: read error after line \d+ \(Compressed file ended") as gz:
+        run("gz", str(tmp_path / "cut.jsonl.gz"))
+    (tmp_path / "t.jsonl").write_text(json.dumps({"text": ["a"]}) + "\n")
+    with pytest.raises(InputError, match=r"t\.jsonl, line 1: field 'text' is list"):
+        run("list", str(tmp_path / "t.jsonl"))
+    with pytest.raises(InputError, match=r"input item 1: text is not valid Unicode \(unpaired surrogate"):
+        run("surrogate", iter(["fine", "bad \ud800 text"]))
+    # No manifest and no shard being written: only the shards wholly before the bad row stay, finished (a rerun
+    # after the input is fixed resumes from them).
+    for name in ("gz", "list", "surrogate"):
+        assert not (tmp_path / name / "_manifest.json").exists() and not list((tmp_path / name).glob("_tmp*"))
+    err_line = int(re.search(r"after line (\d+)", str(gz.value)).group(1))
+    assert sorted(p.name for p in (tmp_path / "gz").glob("shard-*")) == [f"shard-{k:05d}.parquet"
+                                                                          for k in range(err_line // 4)]
 
 
 def test_outputs_are_cast_on_the_device(model_dir):

@@ -91,7 +91,7 @@ class M3EmbedHandler(ModelHandler):
         out: list = []
         for w in windows:
             got: list[dict | None] = [None] * w.n
-            for b, o in model.run(w.batches, heads=s.outputs):
+            for b, o in model.run(w.batches, heads=s.outputs, out_dtypes=s.out_dtypes()):
                 rows = pipeline.unpad(o, w.lengths[b.indices])
                 for r, i in enumerate(b.indices):
                     got[i] = _row(w, int(i), r, rows, s)

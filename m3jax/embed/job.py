@@ -64,6 +64,10 @@ class Settings:
     attn_impl: str = "auto"
     mcls_interval: int | None = None
 
+    def out_dtypes(self) -> tuple[tuple[str, str], ...]:
+        """The outputs' file dtypes, which the compiled step casts to on the device (Encoder.run's out_dtypes)."""
+        return (("dense", self.dense_dtype), ("colbert", self.colbert_dtype))
+
     def check(self, max_length_limit: int | None) -> None:
         if not self.outputs or set(self.outputs) - set(pipeline.HEADS):
             raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {self.outputs!r}")
@@ -227,8 +231,7 @@ def _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims
 
     acc: _WindowOutputs | None = None
     try:
-        out_dtypes = (("dense", settings.dense_dtype), ("colbert", settings.colbert_dtype))
-        for batch, out in encoder.run(batches(), heads=settings.outputs, out_dtypes=out_dtypes):
+        for batch, out in encoder.run(batches(), heads=settings.outputs, out_dtypes=settings.out_dtypes()):
             flush_ended()
             w = pending[0]
             if acc is None or acc.window is not w:

@@ -115,6 +115,17 @@ def _open(f: dict, text_field: str, id_field: str | None):
     return _LineCursor(f["path"], fmt, text_field, id_field)
 
 
+def _check_unicode(s: str, where: str, what: str) -> str:
+    """s, if it can be written as UTF-8 (Python strings from an iterable may hold unpaired surrogates; files are
+    decoded strictly and Parquet strings are UTF-8 by construction)."""
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise InputError(f"{where}: {what} is not valid Unicode (unpaired surrogate {s[e.start]!r} at character "
+                         f"{e.start})") from None
+    return s
+
+
 def _check_id(value: Any, where: str) -> str:
     if isinstance(value, str):
         return value
@@ -300,7 +311,7 @@ class _IterableCursor:
             where = f"input item {self._i}"
             self._i += 1
             if isinstance(item, str):
-                out.append((None, item))
+                out.append((None, _check_unicode(item, where, "text")))
                 continue
             if not (isinstance(item, (tuple, list)) and len(item) == 2):
                 raise InputError(f"{where}: {type(item).__name__} ({item!r:.40}), expected an (id, text) pair or a "
@@ -308,7 +319,8 @@ class _IterableCursor:
             id_, text = item
             if not isinstance(text, str):
                 raise InputError(f"{where}: text is {type(text).__name__} ({text!r:.40}), expected a string")
-            out.append((None if id_ is None else _check_id(id_, where), text))
+            rid = None if id_ is None else _check_unicode(_check_id(id_, where), where, "id")
+            out.append((rid, _check_unicode(text, where, "text")))
         return out
 
     def close(self) -> None:
