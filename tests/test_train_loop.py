@@ -158,3 +158,23 @@ def test_killed_run_resumes_to_the_same_parameters(runs, tmp_path):
     straight, resumed = leaves(runs["root"] / "straight" / "final"), leaves(out / "final")
     for k in straight:
         np.testing.assert_array_equal(resumed[k], straight[k], err_msg=k)
+
+
+def test_a_non_finite_loss_stops_the_run_before_its_checkpoint(runs, tmp_path, monkeypatch):
+    """A step whose loss comes back NaN stops fit() naming the step and its micro-batches; the steps before it are
+    checkpointed, the bad one is neither checkpointed nor logged."""
+    from m3jax.train import loop
+
+    real = loop._Run._step
+
+    def poisoned(self, batches):
+        m = real(self, batches)
+        return {**m, "loss": float("nan")} if self.step == 3 else m
+
+    monkeypatch.setattr(loop._Run, "_step", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainError, match=r"step 3: loss is nan on epoch 0's micro-batches 4 \.\.\. 5; stopped "
+                                         r"without checkpointing it \(the latest checkpoint is step 2\)"):
+        fit(runs["model"], str(runs["data"]), out, CONFIG)
+    assert sorted(int(p.name) for p in (out / "checkpoints").iterdir() if p.name.isdigit()) == [2]
+    assert [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()] == [1, 2]

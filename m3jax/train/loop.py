@@ -309,6 +309,7 @@ class _Run:
                 lr = float(schedule(self.step))
                 metrics = self._step(pending)
                 pending = []
+                self._check_finite(metrics)
                 now = time.perf_counter()
                 last = {"step": self.step, "epoch": self.epoch, **metrics, "lr": lr,
                         "tokens_per_s": round(metrics["tokens"] / max(now - t_last, 1e-9), 1),
@@ -328,6 +329,19 @@ class _Run:
         self.ckpt.save(self.step, self.state, self.opt_state, self._meta(), force=True)
         final = self._write_final() if self.step >= self.total else None
         return FitResult(final, self.step, self.resumed_from, last)
+
+    def _check_finite(self, metrics: dict) -> None:
+        """Stops the run at a step whose loss or gradient norm is not finite, before it reaches a checkpoint or the
+        log, naming the step and its micro-batches."""
+        bad = {k: v for k, v in metrics.items() if k in ("loss", "grad_norm") and not math.isfinite(v)}
+        if not bad:
+            return
+        A = self.config.gradient_accumulation_steps
+        kept = self.ckpt.latest_step()
+        raise TrainError(f"step {self.step}: {', '.join(f'{k} is {v}' for k, v in bad.items())} on epoch "
+                         f"{self.epoch}'s micro-batches {self.consumed - A} ... {self.consumed - 1}; stopped "
+                         f"without checkpointing it (the latest checkpoint is "
+                         f"{'none' if kept is None else f'step {kept}'}); lower the learning rate or check the data")
 
     def _examples(self):
         """This epoch's groups of examples from the current data position on (the skipped ones are only read and
