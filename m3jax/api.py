@@ -22,13 +22,13 @@ SCORE_KEYS = ("colbert", "sparse", "dense", "sparse+dense", "colbert+sparse+dens
 
 def default_dtype(platform: str, use_fp16: bool, use_bf16: bool) -> str:
     """The compute dtype FlagEmbedding's use_fp16/use_bf16 select on `platform` (see BGEM3, "dtype")."""
-    if use_bf16:
+    if use_bf16 or (use_fp16 and platform != "cpu"):
         return "bfloat16"
-    if use_fp16 and platform == "cpu" and cpu_has_bf16():
+    if use_fp16 and cpu_has_bf16():
         logger.info("use_fp16=True on a CPU with bfloat16 instructions: computing in bfloat16 (use_fp16=False or "
                     "dtype='float32' for float32)")
         return "bfloat16"
-    return "bfloat16" if use_fp16 and platform != "cpu" else "float32"
+    return "float32"
 
 
 class BGEM3:

@@ -4,11 +4,12 @@ Shard k holds input rows [k * shard_size, (k + 1) * shard_size), in input order.
 tokenises and plans windows ahead while the main thread keeps the device busy (one continuous stream of batches
 across windows and shards) and writes each window's rows, back in input order, into the shard's temporary file;
 the file is renamed when the shard is complete. A rerun with the same arguments skips the finished shards (their
-rows are only counted), removes temporary leftovers and writes the rest exactly as an uninterrupted run would.
+rows are only read, to check their sha256 against the shard's), removes temporary leftovers and writes the rest
+exactly as an uninterrupted run would.
 
 Multi-host (m3jax.distributed): process p of P owns the shards k with k % P == p; every process reads (but only
-counts) the rows of the others' shards, so the split needs no communication. Each writes its own shards; process 0
-writes _job.json before the first barrier and the manifest after the last.
+counts) the rows of the others' shards, so the split needs no communication, and checks its own finished ones. Each
+writes its own shards; process 0 writes _job.json before the first barrier and the manifest after the last.
 """
 
 from __future__ import annotations
@@ -323,7 +324,7 @@ def _names_input(s: str) -> bool:
 def _hash_rows(h, rows) -> None:
     """Adds (id, text) rows to a sha256: the identity of a shard's input."""
     for rid, text in rows:
-        h.update(json.dumps([rid, text], ensure_ascii=False).encode("utf-8", "surrogatepass"))
+        h.update(json.dumps([rid, text], ensure_ascii=False).encode())  # sources refuse unpaired surrogates
         h.update(b"\n")
 
 
@@ -384,12 +385,14 @@ def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, 
         while True:
             start = rows.position
             if k % nproc != pid or k in done:
-                n, digest = _read_done_shard(rows, S, settings.window) if k in done else (rows.skip(S), None)
+                # A finished shard's rows are checked by the process that owns it; the others only count them.
+                mine = k in done and k % nproc == pid
+                n, digest = _read_done_shard(rows, S, settings.window) if mine else (rows.skip(S), None)
                 if k in done and (n != done[k]["rows"] or start != done[k]["first_row"]):
                     raise EmbedError(f"shard {k} was written from input rows {done[k]['first_row']} ... "
                                      f"{done[k]['first_row'] + done[k]['rows'] - 1}, but the input now has rows "
                                      f"{start} ... {start + n - 1} there: the input changed since")
-                if k in done and done[k].get("input_sha256", digest) != digest:
+                if mine and done[k].get("input_sha256", digest) != digest:
                     raise EmbedError(f"shard {k}: input rows {start} ... {start + n - 1} are not the ones it was "
                                      "written from (their sha256 differs): the input changed since; resuming would "
                                      "mix two corpora. Restore the input, or use a new output directory")
