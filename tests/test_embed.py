@@ -255,6 +255,140 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tmp_path, model_dir):
         assert (out / name).read_bytes() == (tmp_path / "straight" / name).read_bytes(), name
 
 
+KILL_LOOP_SCRIPT = """
+import json, sys, time
+from m3jax.embed import embed
+from m3jax.engine import Encoder, configure_compilation_cache
+configure_compilation_cache(sys.argv[3])  # shared by every run: only the first one compiles
+import pandas, pyarrow.parquet  # imported on the first window's write otherwise
+enc = Encoder.from_pretrained(sys.argv[2], length_buckets={BUCKETS})
+enc.fingerprint()
+print("ready", flush=True)
+out = sys.stdin.readline().strip()  # the parent's go, naming the output: a kill delay counts from here
+t0 = time.perf_counter()
+def slow(ev):
+    print(json.dumps({**ev, "t": time.perf_counter() - t0}), flush=True)
+    if not ev["shard_done"]:
+        time.sleep(0.1)
+embed(sys.argv[1], enc, out, shard_size=4, window=2, callback=slow, **{SET})
+print(json.dumps({"end": time.perf_counter() - t0}), flush=True)
+"""
+
+
+def test_sigkill_twenty_times_resumes_byte_identical(tmp_path, model_dir):
+    """20 SIGKILLs at random points of runs into one output directory, each run resuming the last, then a run to
+    completion: every shard equals an uninterrupted run's byte for byte, and so does the manifest.
+
+    Each run is a process that imports JAX and loads the model, then waits for a go. It is killed at a random point
+    (a seeded RNG) of [go, its first window written + 3 shards' time]: a fraction u ~ U(0, 1) of that span, whose
+    start (lock takeover, resume scan, removal of the last run's leftovers, loading the executable from the shared
+    compilation cache) is taken as long as the last run's until this run's first window shows when it really ended.
+    So a killed run gets about half a shard further on average, and the kills land all along the job, whatever the
+    machine's speed: in a run's start, mid-shard, between shards. (Delays spread over a whole run would finish the
+    job within a few kills, and every later kill would land after completion.) Processes are started two ahead, so
+    that their imports overlap the run being killed; only the first run compiles (the texts are short: every batch
+    has the one shape [2, 32])."""
+    t_test = time.perf_counter()
+    n_shards, shard_size = 16, 4
+    texts = mixed(n_shards * shard_size, seed=22, max_words=6)
+    src = write_txt(tmp_path / "c.txt", texts)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    script = KILL_LOOP_SCRIPT.replace("{SET}", repr(SET)).replace("{BUCKETS}", repr(BUCKETS))
+    procs: list[subprocess.Popen] = []
+    queued: list[subprocess.Popen] = []
+
+    def stderr(p):
+        return (tmp_path / f"stderr{procs.index(p)}.txt").read_text()[-3000:]
+
+    def go(out):
+        """The next process, once ready, started on `out`; keeps two more starting behind it (of the 22 runs)."""
+        while len(queued) < 3 and len(procs) < 22:
+            with open(tmp_path / f"stderr{len(procs)}.txt", "w") as log:
+                procs.append(subprocess.Popen([sys.executable, "-c", script, src, str(model_dir),
+                                               str(tmp_path / "jax_cache")], env=env, stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=log, text=True))
+            queued.append(procs[-1])
+        p = queued.pop(0)
+        assert p.stdout.readline() == "ready\n", stderr(p)
+        p.stdin.write(f"{out}\n")
+        p.stdin.flush()
+        return p, time.perf_counter()
+
+    def complete(out):
+        """An uninterrupted run: the times (from the go) its windows were written."""
+        p, _ = go(out)
+        lines = p.stdout.read().splitlines()
+        assert p.wait() == 0, stderr(p)
+        return [e["t"] for e in map(json.loads, lines) if "shard" in e and not e["shard_done"]]
+
+    def state(out):
+        """(finished shards, a _tmp. shard present, manifest present)"""
+        names = {p.name for p in out.iterdir()} if out.exists() else set()
+        return (sum(f"shard-{k:05d}.parquet" in names for k in range(n_shards)),
+                any(n.startswith("_tmp.shard-") for n in names), "_manifest.json" in names)
+
+    try:
+        windows = complete(tmp_path / "straight")  # compiles, into the shared cache
+        startup = windows[0]  # go -> first window written; the killed runs (warm cache) correct it as they go
+        per_shard = float(np.median(np.diff(windows[1::2])))  # 2 windows a shard
+        rng = np.random.default_rng(28)
+        out = tmp_path / "killed"
+        kills = []  # [seconds after the go, finished shards, a _tmp. shard, manifest, windows written, done before]
+        for _ in range(20):
+            done_before = state(out)[2]
+            at = rng.uniform() * (startup + 3 * per_shard)
+            p, t0 = go(out)
+            first = ""
+            if at > startup:  # past the start: counted from this run's first window (or its end, if none)
+                first = p.stdout.readline()
+                at += (time.perf_counter() - t0 if '"shard"' in first else startup) - startup
+            time.sleep(max(0.0, t0 + at - time.perf_counter()))
+            exited = p.poll() is not None
+            p.send_signal(signal.SIGKILL)
+            p.wait(30)
+            assert p.returncode == (0 if exited else -signal.SIGKILL), stderr(p)
+            lines = ([first] if first else []) + p.stdout.read().splitlines()
+            seen = [e["t"] for e in map(json.loads, lines) if "shard" in e and not e["shard_done"]]
+            kills.append([round(time.perf_counter() - t0, 2), *state(out), len(seen), done_before or exited])
+            if seen:
+                startup = seen[0]
+        final_before = state(out)
+        final_windows = complete(out)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            p.stdin.close()
+            p.stdout.close()
+    wall = time.perf_counter() - t_test
+    finished = [k[1] for k in kills]
+    mid_shard = sum(k[2] and k[4] > 0 for k in kills)  # a _tmp. shard of the run's own
+    in_start, leftover = sum(k[4] == 0 for k in kills), sum(k[2] and k[4] == 0 for k in kills)
+    after = sum(k[5] for k in kills)
+    print(f"\n20 kills, {wall:.1f}s in all ({per_shard:.2f}s a shard, a run's start {startup:.2f}s at the last "
+          f"look): finished shards at each kill {finished}; {mid_shard} kills mid-shard (a _tmp. shard there), "
+          f"{in_start} in a run's start (no window written yet; {leftover} of them before the last run's _tmp. shard "
+          f"was removed), {after} after the job was complete; "
+          f"the final run started with {final_before[0]} of {n_shards} shards and wrote {len(final_windows)} windows; "
+          f"killed after {[k[0] for k in kills]} s")
+    for k in kills:  # a manifest only once every shard is finished
+        assert not k[3] or k[1] == n_shards, kills
+    assert len(set(finished)) >= 4, kills  # the kills landed all along the job ...
+    assert mid_shard >= 3 and in_start >= 3, kills  # ... several mid-shard, several in a run's start ...
+    assert after <= 5, kills  # ... few after the job was complete
+
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["_job.json", "_manifest.json"] + [f"shard-{k:05d}.parquet" for k in range(n_shards)], names
+    straight = tmp_path / "straight"
+    for k in range(n_shards):
+        name = f"shard-{k:05d}.parquet"
+        assert (out / name).read_bytes() == (straight / name).read_bytes(), name
+    m, ref_m = (json.loads((d / "_manifest.json").read_text()) for d in (out, straight))
+    assert m == ref_m and m["rows"] == len(texts) and m["duplicate_ids"] == 0
+    assert [s["first_row"] for s in m["shards"]] == list(range(0, len(texts), shard_size))
+
+
 def test_resume_redoes_only_missing_shards(tmp_path, model_dir):
     """Parquet (row groups of 3 across shards of 8) and JSONL: delete finished shards, rerun; only those are redone
     (the others' rows are re-read only to check their sha256), and the files come back byte for byte."""
@@ -365,6 +499,19 @@ def test_a_second_run_into_the_same_output_is_refused(tmp_path, model_dir):
     assert not (out / "_lock").exists()
 
 
+def test_an_unreadable_lock_is_refused_naming_it(tmp_path, model_dir):
+    """A run killed between creating _lock and writing its holder into it leaves it empty: a later run stops with
+    the lock's path and what to do (it cannot tell that holder from one still starting), not a JSON error."""
+    src = write_txt(tmp_path / "c.txt", ["one", "two"])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "_lock").write_text("")
+    with pytest.raises(EmbedError, match=r"another run is writing it \(an unreadable lock: .*_lock\).*delete"):
+        embed(src, model_dir, out, **SET)
+    (out / "_lock").unlink()
+    assert embed(src, model_dir, out, **SET)["rows"] == 2
+
+
 def test_odd_inputs_embed_or_fail_naming_the_row(tmp_path, model_dir):
     """Inputs that are legal but odd embed and are counted; broken ones fail naming the file and line or the item,
     with nothing written as finished: NUL bytes and whitespace-only lines are texts; a 1,000,000-character text is
@@ -398,29 +545,92 @@ def test_odd_inputs_embed_or_fail_naming_the_row(tmp_path, model_dir):
                                                                           for k in range(err_line // 4)]
 
 
-def test_a_disk_fault_mid_shard_keeps_the_finished_shards_and_resumes(tmp_path, model_dir, monkeypatch):
-    """The disk fills while shard 2 is written: the job fails with the OSError, shards 0 and 1 stay finished, nothing
-    half-written or claiming completeness is left (no _tmp file, no manifest, no lock), and once the fault is gone the
-    rerun writes the rest: the output equals an uninterrupted run's, byte for byte."""
+def _fault_in_write(mp, shard):
+    """The disk fills while the shard's rows are written."""
     import errno
 
     from m3jax.embed import writer
 
-    src = write_txt(tmp_path / "c.txt", TEXTS)
-    embed(src, model_dir, tmp_path / "ref", shard_size=8, window=4, **SET)
     real = writer.ShardWriter.write
 
     def disk_full(self, *a, **k):
-        if self.k == 2:
+        if self.k == shard:
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(self, *a, **k)
 
+    mp.setattr(writer.ShardWriter, "write", disk_full)
+    return OSError, "No space left on device"
+
+
+def _fault_in_file(mp, shard):
+    """The disk fills under pyarrow: every write to the shard's file after its first bytes fails, so the footer cannot
+    be written either when the shard is dropped."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileOpener
+
+    real = LocalFileOpener.write
+
+    def disk_full(self, data):
+        if self.path.endswith(f"/_tmp.shard-{shard:05d}.parquet") and self.tell() >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, data)
+
+    mp.setattr(LocalFileOpener, "write", disk_full)
+    return OSError, "No space left on device"
+
+
+def _fault_at_open(mp, shard):
+    """The shard's temporary file cannot be created (tests run as root, where chmod denies nothing: injected)."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    real = LocalFileSystem._open
+
+    def denied(self, path, mode="rb", *a, **k):
+        if "w" in mode and path.endswith(f"/_tmp.shard-{shard:05d}.parquet"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real(self, path, mode, *a, **k)
+
+    mp.setattr(LocalFileSystem, "_open", denied)
+    return PermissionError, "Permission denied"
+
+
+def _fault_at_commit(mp, shard):
+    """The shard is complete but its rename to the final name is denied."""
+    import errno
+
+    from fsspec.implementations.local import LocalFileSystem
+
+    real = LocalFileSystem.mv
+
+    def denied(self, path1, path2, *a, **k):
+        if str(path2).endswith(f"/shard-{shard:05d}.parquet"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(path2))
+        return real(self, path1, path2, *a, **k)
+
+    mp.setattr(LocalFileSystem, "mv", denied)
+    return PermissionError, "Permission denied"
+
+
+@pytest.mark.parametrize("fault", [_fault_in_write, _fault_in_file, _fault_at_open, _fault_at_commit],
+                         ids=["ENOSPC-in-write", "ENOSPC-in-file", "EACCES-at-open", "EACCES-at-commit"])
+def test_a_disk_fault_mid_shard_keeps_the_finished_shards_and_resumes(tmp_path, model_dir, monkeypatch, fault):
+    """A fault while shard 2 is written (the disk fills, before a window's rows reach pyarrow or under it; its
+    temporary file cannot be created; its rename to the final name is denied): the job fails with that very OSError
+    (not a second one from dropping the shard), shards 0 and 1 stay finished, nothing half-written or claiming
+    completeness is left (no _tmp file, no manifest, no lock), and once the fault is gone the rerun writes the rest:
+    the output equals an uninterrupted run's, byte for byte."""
+    src = write_txt(tmp_path / "c.txt", TEXTS)
+    embed(src, model_dir, tmp_path / "ref", shard_size=8, window=4, **SET)
     out = tmp_path / "out"
-    monkeypatch.setattr(writer.ShardWriter, "write", disk_full)
-    with pytest.raises(OSError, match="No space left on device"):
-        embed(src, model_dir, out, shard_size=8, window=4, **SET)
+    with monkeypatch.context() as mp:
+        error, message = fault(mp, 2)
+        with pytest.raises(error, match=message) as e:
+            embed(src, model_dir, out, shard_size=8, window=4, **SET)
+    assert e.value.__context__ is None, repr(e.value.__context__)  # raised while handling nothing else
     assert sorted(p.name for p in out.iterdir()) == ["_job.json", "shard-00000.parquet", "shard-00001.parquet"]
-    monkeypatch.setattr(writer.ShardWriter, "write", real)
     m = embed(src, model_dir, out, shard_size=8, window=4, **SET)
     assert m["run"]["skipped_shards"] == [0, 1]
     assert {p.name: p.read_bytes() for p in out.glob("shard-*")} == {
@@ -514,6 +724,36 @@ def test_bad_inputs_name_file_and_row(tmp_path, model_dir):
     (tmp_path / "file_out").write_text("x")
     with pytest.raises(EmbedError, match="file_out: is a file"):
         embed(write_txt(tmp_path / "ok.txt", ["a"]), model_dir, tmp_path / "file_out", **kw)
+
+
+def test_repeated_ids_are_kept_and_counted(tmp_path, model_dir, caplog):
+    """Output rows are positional (row i is input row i), so a repeated id is kept; the manifest counts the rows whose
+    id came earlier (duplicate_ids: x three times and y twice make 3, across shards) and a warning names the count,
+    the first repeated id and its rows. A resume counts them over every shard again; unique ids count 0."""
+    import logging
+
+    ids = ["a", "x", "b", "x", "c", "y", "d", "x", "y", "e"]
+    p = tmp_path / "c.jsonl"
+    p.write_text("".join(json.dumps({"id": i, "text": f"text number {n}"}) + "\n" for n, i in enumerate(ids)))
+    kw = dict(id_field="id", shard_size=4, window=4, **SET)
+    with caplog.at_level(logging.WARNING, logger="m3jax"):
+        m = embed(str(p), model_dir, tmp_path / "dup", **kw)
+    assert m["duplicate_ids"] == 3 and m["rows"] == 10
+    r = EmbeddingReader(tmp_path / "dup")
+    assert r.ids().tolist() == ids and r.manifest["duplicate_ids"] == 3  # every row kept, in input order
+    warned = [x.getMessage() for x in caplog.records if "repeat the id" in x.getMessage()]
+    assert len(warned) == 1 and "3 row(s)" in warned[0] and "'x', at rows 1, 3, 7" in warned[0], warned
+    (tmp_path / "dup" / "shard-00001.parquet").unlink()
+    (tmp_path / "dup" / "_manifest.json").unlink()
+    assert embed(str(p), model_dir, tmp_path / "dup", **kw)["duplicate_ids"] == 3
+
+    caplog.clear()
+    p.write_text("".join(json.dumps({"id": f"doc-{n}", "text": f"text number {n}"}) + "\n" for n in range(10)))
+    with caplog.at_level(logging.WARNING, logger="m3jax"):
+        assert embed(str(p), model_dir, tmp_path / "unique", **kw)["duplicate_ids"] == 0
+        assert embed(write_txt(tmp_path / "c.txt", ["a", "a", "a"]), model_dir, tmp_path / "txt",
+                     **SET)["duplicate_ids"] == 0  # a .txt row's id is its position: repeated texts are no repeats
+    assert not [x for x in caplog.records if "repeat the id" in x.getMessage()]
 
 
 # ------------------------------------------------------------------------------------------------------ CLI

@@ -565,6 +565,12 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
     extra = sorted(set(finals) - set(range(n_shards)))
     if extra:
         raise EmbedError(f"{root}: shard files past the end of the input ({[writer.shard_name(k) for k in extra]})")
+    # Repeated ids are kept (row i is input row i) and counted: the rows that repeat an earlier row's id.
+    duplicates, dup_id, dup_rows = writer.duplicate_ids(fs, [finals[k] for k in range(n_shards)])
+    if duplicates:
+        at = ", ".join(map(str, dup_rows[:10])) + (f", ... ({len(dup_rows)} rows)" if len(dup_rows) > 10 else "")
+        logger.warning("%s: %d row(s) repeat the id of an earlier row (kept, counted in the manifest's duplicate_ids); "
+                       "the first repeated id is %r, at rows %s", root, duplicates, dup_id, at)
     manifest = {**job, "model": {**job["model"], "dtype": settings.dtype},
                 "schema": {f.name: str(f.type) for f in writer.schema(settings.outputs, dims, settings.dense_dtype,
                                                                        settings.colbert_dtype)},
@@ -574,6 +580,7 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
                 "rows": total_rows, "tokens": sum(s["tokens"] for s in shards),
                 "empty_texts": sum(s["empty_texts"] for s in shards),
                 "truncated": sum(s["truncated"] for s in shards),
+                "duplicate_ids": duplicates,
                 "shards": shards,
                 "runtime": {"processes": nproc, "local_devices": len(getattr(encoder, "devices", []) or []),
                             "platform": encoder.platform}}
