@@ -105,7 +105,7 @@ def embed(args) -> int:
                      id_field=args.id_field, shard_size=args.shard_size, window=args.window,
                      window_tokens=args.window_tokens, dense_dtype=args.dense_dtype,
                      colbert_dtype=args.colbert_dtype, dtype=args.dtype, attn_impl=args.attn_impl,
-                     mcls_interval=args.mcls_interval, coordinator=args.coordinator,
+                     mcls_interval=args.mcls_interval, mesh=args.mesh, coordinator=args.coordinator,
                      num_processes=args.num_processes, process_id=args.process_id, quiet=args.quiet)
     except (EmbedError, InputError, ValueError) as e:
         print(f"m3jax embed: error: {e}", file=sys.stderr)
@@ -229,9 +229,10 @@ def _add_preflight(sub) -> None:
     f.add_argument("--max-tokens-per-batch", type=int, default=None,
                    help="embed: a token budget per batch instead of the rows that fit memory")
     f.add_argument("--mcls-interval", type=int, default=None, help="embed: multiple CLS every N tokens")
-    f.add_argument("--mesh", default="host", choices=["host", "global"],
-                   help="embed: one host's devices, as each process of `m3jax embed` runs (default), or one "
-                        "data-parallel mesh over every device of the topology")
+    f.add_argument("--mesh", default="auto", choices=["auto", "host", "global"],
+                   help="embed: as `m3jax embed --mesh`: one host's devices, as each process drives its own "
+                        "(host), or one mesh over every device of the topology in lockstep (global); auto (the "
+                        "default): global on a multi-host TPU topology")
     f.add_argument("--query-max-len", type=int, default=32, help="train")
     f.add_argument("--train-group-size", type=int, default=8, help="train")
     f.add_argument("--gradient-accumulation-steps", type=int, default=1, help="train")
@@ -350,8 +351,10 @@ def _add_embed(sub) -> None:
     m.add_argument("--text-field", default="text", help="JSONL field / Parquet column of the text")
     m.add_argument("--id-field", default=None, help="JSONL field / Parquet column of the id (default: row position)")
     m.add_argument("--shard-size", type=int, default=10_000, help="input rows per output shard")
-    m.add_argument("--window", type=int, default=4096, help="texts sorted and batched together")
-    m.add_argument("--window-tokens", type=int, default=1 << 20, help="most tokens in one window (bounds memory)")
+    m.add_argument("--window", type=int, default=None,
+                   help="texts sorted and batched together (default: 4096 on CPU, a whole shard on accelerators)")
+    m.add_argument("--window-tokens", type=int, default=None,
+                   help="most tokens in one window, which bounds host memory (default: 1M on CPU, 2M on accelerators)")
     m.add_argument("--dense-dtype", default="float32", choices=["float32", "float16"])
     m.add_argument("--colbert-dtype", default="float16", choices=["float32", "float16"])
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
@@ -359,6 +362,10 @@ def _add_embed(sub) -> None:
     m.add_argument("--mcls-interval", type=int, default=None, metavar="N",
                    help="multiple CLS for long texts: a <s> every N text tokens (the paper: 256), dense = mean of "
                         "their hidden states; inserted tokens do not count toward --max-length (default: off)")
+    m.add_argument("--mesh", default="auto", choices=["auto", "host", "global"],
+                   help="multi-host runs: each process on its own devices (host; output identical to one "
+                        "process's), or one mesh over all processes' devices run in lockstep (global; needed on v5e "
+                        "slices of 32 chips and more); auto (the default): global on a multi-host TPU")
     m.add_argument("--coordinator", default=None, help="HOST:PORT of process 0 (multi-host runs)")
     m.add_argument("--num-processes", type=int, default=None)
     m.add_argument("--process-id", type=int, default=None)

@@ -9,13 +9,17 @@ executables, batch planning, and encode as a generator over batches (streaming) 
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -47,6 +51,9 @@ CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # tokens, the rest is extrapolated from its memory analysis and checked by a second compile.
 PROBE_TOKENS = 16384
 MAX_ROWS_PER_DEVICE = 4096
+# Threads that compile planned shapes ahead of their first batch (Encoder.prepare).
+COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
+LOCKSTEP_AHEAD = 16  # steps whose shapes the processes of a global mesh agree at once (Encoder._lockstep)
 
 
 def default_compiler_options(platform: str, length: int, dtype: Any = "float32") -> dict[str, Any]:
@@ -129,10 +136,12 @@ def cpu_has_bf16() -> bool:
 
 
 def resolve_devices(devices: Any) -> list:
-    """None: every local device; else a jax.Device, an index, a platform name ("cpu", "gpu", "cuda:1", "tpu"), or a
-    list of those."""
+    """None: every local device; "global": every device of every process (a multi-host job in lockstep, see
+    Encoder); else a jax.Device, an index, a platform name ("cpu", "gpu", "cuda:1", "tpu"), or a list of those."""
     if devices is None:
         return jax.local_devices()
+    if isinstance(devices, str) and devices == "global":
+        return jax.devices()
     items = devices if isinstance(devices, (list, tuple)) else [devices]
     out = []
     for d in items:
@@ -160,7 +169,12 @@ class Encoder:
     Args:
       config, params, tokenizer_dir: what m3jax.checkpoint.load_params returns.
       dtype: "float32" or "bfloat16" compute (parameters cast at load).
-      devices: see resolve_devices; rows of a batch are split over them.
+      devices: see resolve_devices; rows of a batch are split over them. Devices of several processes (a pod
+        slice: devices="global", or compile-only devices of a multi-host topology) make one global mesh that the
+        processes drive in lockstep: each plans and feeds its own rows (a batch's rows are per process, over its
+        own devices), one executable runs on all of them per step, and before each step the processes agree its
+        shape (the longest length and most rows any of them brings; one with nothing left feeds filler rows).
+        Every process must then call `run` / `encode` equally often until all are done.
       attn_impl: see m3jax.attention ("auto" chooses by platform, length and dtype).
       length_buckets: padded lengths (default m3jax.pipeline.default_length_buckets(platform): finer past 2,048
         tokens on CPU); the largest must hold the model's longest input.
@@ -185,7 +199,8 @@ class Encoder:
                  compiler_options: dict[str, Any] | None = None):
         if pooling not in ("cls", "mean"):
             raise ValueError(f"pooling must be 'cls' or 'mean', got {pooling!r}")
-        self.devices = resolve_devices(devices)
+        self.devices, self.local_devices, self.process_rank, self.processes = _process_blocks(
+            resolve_devices(devices))
         default = pipeline.default_length_buckets(self.devices[0].platform)
         buckets = tuple(sorted(int(b) for b in (length_buckets or default)))
         longest = min(config.max_length, pipeline.LENGTH_BUCKETS[-1])
@@ -218,8 +233,14 @@ class Encoder:
                                                 state)
         else:
             self.graphdef, state = nnx.split(model_from_params(config, params, dtype=self.dtype))
-            self.state = jax.device_put(state, replicated)
-        self._compiled: dict = {}
+            if self.processes > 1:  # every process holds the same parameters; each places its devices' copies
+                self.state = jax.tree_util.tree_map(lambda x: _replicate(np.asarray(x), replicated), state)
+            else:
+                self.state = jax.device_put(state, replicated)
+        self._compiled: dict[tuple, concurrent.futures.Future] = {}  # key -> its executable, compiled or under way
+        self._lock = threading.Lock()
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None  # prepare's, started on first use
+        self.compile_wait_s = 0.0  # seconds `executable` spent compiling or waiting for a compile
         self._rows_per_device: dict[int, int] | None = None  # rows_that_fit's table, loaded on first use
         self._batch_fits: dict[tuple[int, int], bool] = {}  # (length, rows) -> whether that batch fits
         # (length, rows, heads), or (length, rows, heads, mcls_interval) with MCLS -> seconds to compile or fetch
@@ -314,10 +335,10 @@ class Encoder:
 
     def plan(self, lengths: np.ndarray, *, batch_size: int) -> list[tuple[int, int, np.ndarray]]:
         """(bucket length, rows, indices) per batch, longest first (see m3jax.pipeline.plan_batches); rows are a
-        multiple of the device count, at most batch_rows(length)."""
+        multiple of this process's device count, at most batch_rows(length)."""
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-        ndev = len(self.devices)
+        ndev = len(self.local_devices)
         return pipeline.plan_batches(np.asarray(lengths), batch_size=max(batch_size, ndev), row_multiple=ndev,
                                      buckets=self.length_buckets, max_rows=lambda L: self.batch_rows(L, batch_size),
                                      row_buckets=pipeline.default_row_buckets(self.platform))
@@ -331,29 +352,30 @@ class Encoder:
         return self.rows_that_fit(length, batch_size)
 
     def rows_that_fit(self, length: int, at_most: int | None = None) -> int:
-        """The most rows (over all devices) of a [rows, length] batch whose executable, all three outputs, fits each
-        device's memory with accelerators.HEADROOM to spare while the previous batch's outputs are still held (see
-        accelerators.MemoryUse.in_flight). Measured once per bucket from the compiler's memory analysis: a probe
-        compile of PROBE_TOKENS tokens per device, extrapolated linearly in rows, then a compile at that size that
-        must fit (shrunk until it does); cached in $M3JAX_HOME/batch_rows per model, device kind, dtype and jax.
+        """The most rows (over this process's devices) of a [rows, length] batch whose executable, all three
+        outputs, fits each device's memory with accelerators.HEADROOM to spare while the previous batch's outputs
+        are still held (see accelerators.MemoryUse.in_flight). Measured once per bucket from the compiler's memory
+        analysis: a probe compile of PROBE_TOKENS tokens per device, extrapolated linearly in rows, then a compile at
+        that size that must fit (shrunk until it does); cached in $M3JAX_HOME/batch_rows per model, device kind,
+        dtype and jax.
 
         at_most: the rows the caller wants at most (a batch size). When a batch of that many rows (rounded up to the
         device count) fits, it is the answer, unmeasured: its executable is the one the job runs anyway, so a
         bucket whose batches fit costs no compile beyond its own."""
         if self._rows_per_device is None:
             self._rows_per_device = self._read_rows_table()
-        ndev = len(self.devices)
+        ndev = len(self.local_devices)
         if length not in self._rows_per_device and at_most is not None and at_most <= MAX_ROWS_PER_DEVICE * ndev:
             rows = -(-at_most // ndev) * ndev
             if (length, rows) not in self._batch_fits:  # asked once per planned batch: decided once
-                use = accelerators.MemoryUse.of(self.executable(length, rows))
+                use = accelerators.MemoryUse.of(self.executable(length, rows * self.processes))
                 self._batch_fits[length, rows] = use.in_flight <= accelerators.usable_memory(self.devices[0])
             if self._batch_fits[length, rows]:
                 return rows
         if length not in self._rows_per_device:
             self._rows_per_device[length] = self._measure_rows(length)
             self._write_rows_table()
-        return self._rows_per_device[length] * len(self.devices)
+        return self._rows_per_device[length] * ndev
 
     def _measure_rows(self, length: int) -> int:
         ndev, memory = len(self.devices), accelerators.usable_memory(self.devices[0])
@@ -419,7 +441,31 @@ class Encoder:
                    mcls_interval: int | None = None, out_dtypes: tuple[tuple[str, str], ...] = ()):
         """The compiled encode step for one bucket shape [rows, length] (of MCLS rows with mcls_interval; outputs
         cast on the device per out_dtypes, see pipeline.encode_step), compiled ahead of time on first use (or
-        fetched from the persistent compilation cache); `compile_seconds` records how long each took."""
+        fetched from the persistent compilation cache); `compile_seconds` records how long each took. A shape
+        being compiled in the background (prepare) is waited for: `compile_wait_s` adds up those waits and the
+        compiles done here, the compile time on the caller's path."""
+        key, static = self._step_key(length, rows, heads, mcls_interval, out_dtypes)
+        t0 = time.perf_counter()
+        exe = self._compiled_step(key, length, rows, static)
+        self.compile_wait_s += time.perf_counter() - t0
+        return exe
+
+    def prepare(self, shapes: Iterable[tuple[int, int]], heads: Sequence[str] = pipeline.HEADS,
+                mcls_interval: int | None = None, out_dtypes: tuple[tuple[str, str], ...] = ()) -> None:
+        """Starts compiling the encode steps of these [rows, length] shapes in background threads
+        (COMPILE_THREADS; XLA compiles without holding Python's lock), so that `executable` finds them compiled
+        or under way. Shapes already compiled or under way are skipped."""
+        for length, rows in shapes:
+            key, static = self._step_key(length, rows, heads, mcls_interval, out_dtypes)
+            with self._lock:
+                if key in self._compiled:
+                    continue
+                if self._pool is None:
+                    self._pool = concurrent.futures.ThreadPoolExecutor(COMPILE_THREADS,
+                                                                       thread_name_prefix="m3jax-compile")
+            self._pool.submit(self._compiled_step, key, length, rows, static)
+
+    def _step_key(self, length, rows, heads, mcls_interval, out_dtypes) -> tuple[tuple, dict]:
         heads = tuple(h for h in pipeline.HEADS if h in heads)
         static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling, normalize=self.normalize,
                       truncate_dim=self.truncate_dim, special_ids=self.config.special_ids)
@@ -431,8 +477,18 @@ class Encoder:
         if out_dtypes:  # likewise: float32 outputs keep the plain key
             static["out_dtypes"] = out_dtypes
             key = (*key, out_dtypes)
-        exe = self._compiled.get(key)
-        if exe is None:
+        return key, static
+
+    def _compiled_step(self, key: tuple, length: int, rows: int, static: dict):
+        """The executable of `key`, compiled by the first thread to ask; the others wait for it."""
+        with self._lock:
+            future = self._compiled.get(key)
+            mine = future is None
+            if mine:
+                future = self._compiled[key] = concurrent.futures.Future()
+        if not mine:
+            return future.result()
+        try:
             spec = jax.ShapeDtypeStruct((rows, length), np.int32, sharding=self.row_sharding)
             t0 = time.perf_counter()
             options, proj = compile_plan(self.platform, length, self.compiler_options, self.dtype)
@@ -441,7 +497,12 @@ class Encoder:
                                                      projections=proj)
             exe = _compile(lowered, options, defaults=self.compiler_options is None)
             self.compile_seconds[key] = time.perf_counter() - t0
-            self._compiled[key] = exe
+        except BaseException as e:
+            with self._lock:  # a later call tries again (and raises again)
+                del self._compiled[key]
+            future.set_exception(e)
+            raise
+        future.set_result(exe)
         return exe
 
     def dispatch(self, batch: pipeline.Batch, heads: Sequence[str] = pipeline.HEADS,
@@ -449,13 +510,19 @@ class Encoder:
         """Starts one batch on the devices, and its outputs' copy to the host as soon as they are ready, and returns
         without waiting (device arrays, all rows)."""
         ids, mask = batch.input_ids, batch.attention_mask
-        if self.row_sharding is not None:
+        shape = (ids.shape[0] * self.processes, ids.shape[1])
+        if self.processes > 1:  # this process's rows are its block of the global batch
+            ids, mask = (jax.make_array_from_process_local_data(self.row_sharding, x, shape) for x in (ids, mask))
+        elif self.row_sharding is not None:
             ids, mask = jax.device_put((ids, mask), self.row_sharding)
-        exe = self.executable(ids.shape[1], ids.shape[0], heads, batch.mcls_interval, out_dtypes)
+        exe = self.executable(shape[1], shape[0], heads, batch.mcls_interval, out_dtypes)
         out = exe(self.state, ids, mask)
         for x in out:
-            if x is not None:
+            if x is not None and x.is_fully_addressable:
                 x.copy_to_host_async()
+            elif x is not None:
+                for s in x.addressable_shards:
+                    s.data.copy_to_host_async()
         return out
 
     def run(self, batches: Iterable[pipeline.Batch], heads: Sequence[str] = pipeline.HEADS,
@@ -464,14 +531,51 @@ class Encoder:
         ahead so the host's work on a result overlaps the next batch's compute. out_dtypes: outputs cast on the
         device (see pipeline.encode_step)."""
         heads = _check_heads(heads)
+        if self.processes > 1:
+            batches = self._lockstep(batches)
         pending = None
         for batch in batches:
             current = (batch, self.dispatch(batch, heads, out_dtypes))
-            if pending is not None:
-                yield _fetch(*pending)
+            if pending is not None and len(pending[0].indices):
+                yield self._fetch(*pending)
             pending = current
-        if pending is not None:
-            yield _fetch(*pending)
+        if pending is not None and len(pending[0].indices):
+            yield self._fetch(*pending)
+
+    def _lockstep(self, batches: Iterable[pipeline.Batch], ahead: int = LOCKSTEP_AHEAD) -> Iterator[pipeline.Batch]:
+        """This process's batches, each padded to the shape all processes agreed for that step (the longest length
+        and most rows any brings), and filler batches once it has none left, until every process is done. Shapes
+        are agreed `ahead` steps at a time: each agreement waits for the devices, so fewer keep them busy."""
+        from jax.experimental import multihost_utils
+
+        it, cfg = iter(batches), self.config
+        while True:
+            mine = list(itertools.islice(it, ahead))
+            shapes = np.zeros((ahead, 3), np.int64)  # rows, length, mcls_interval (0: none)
+            for j, b in enumerate(mine):
+                shapes[j] = (*b.input_ids.shape, b.mcls_interval or 0)
+            every = np.asarray(multihost_utils.process_allgather(shapes)).reshape(self.processes, ahead, 3)
+            if not every[:, :, 0].any():
+                return
+            for j in range(ahead):
+                rows, length, mcls = every[:, j].max(0)
+                if not rows:
+                    break
+                b = mine[j] if j < len(mine) else pipeline.Batch(np.zeros(0, np.int64), np.zeros((0, 0), np.int32),
+                                                                 np.zeros((0, 0), np.int32), mcls or None)
+                yield pipeline.pad_batch(b, int(rows), int(length), cfg.pad_token_id, cfg.bos_token_id,
+                                         cfg.eos_token_id)
+
+    def _fetch(self, batch: pipeline.Batch, out: pipeline.EncodeOutputs
+               ) -> tuple[pipeline.Batch, pipeline.EncodeOutputs]:
+        """Outputs on the host, this process's real rows of them."""
+        k = len(batch.indices)
+        if self.processes == 1:
+            host = jax.device_get(out)
+        else:
+            start = self.process_rank * batch.input_ids.shape[0]
+            host = [None if x is None else _rows_of(x, start, start + k) for x in out]
+        return batch, pipeline.EncodeOutputs(*(None if x is None else x[:k] for x in host))
 
     def encode(self, texts: Sequence[str], *, batch_size: int = 256, max_length: int = 512,
                heads: Sequence[str] = pipeline.HEADS, progress: Any = None, mcls_interval: int | None = None
@@ -492,10 +596,40 @@ def _check_heads(heads: Sequence[str]) -> tuple[str, ...]:
     return tuple(h for h in pipeline.HEADS if h in heads)
 
 
-def _fetch(batch: pipeline.Batch, out: pipeline.EncodeOutputs) -> tuple[pipeline.Batch, pipeline.EncodeOutputs]:
-    k = len(batch.indices)
-    host = jax.device_get(out)
-    return batch, pipeline.EncodeOutputs(*(None if x is None else x[:k] for x in host))
+def _process_blocks(devices: list) -> tuple[list, list, int, int]:
+    """(devices ordered process by process, this process's, its rank among them, how many processes): a process's
+    rows of a global batch are then one block. The devices of a process that holds none (compile-only devices of a
+    topology) count as the first process's."""
+    procs = sorted({d.process_index for d in devices})
+    if len(procs) == 1:
+        return devices, devices, 0, 1
+    home = jax.process_index() if jax.process_index() in procs else procs[0]
+    devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    counts = collections.Counter(d.process_index for d in devices)
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"devices of several processes must be as many per process, got {dict(counts)}")
+    return devices, [d for d in devices if d.process_index == home], procs.index(home), len(procs)
+
+
+def _replicate(x: np.ndarray, sharding) -> jax.Array:
+    """x on every device of a sharding that spans processes (each process places its own devices' copies)."""
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def _rows_of(x: jax.Array, start: int, stop: int) -> np.ndarray:
+    """Rows [start, stop) of a row-sharded global array, from this process's shards."""
+    out = None
+    for s in x.addressable_shards:
+        a, b, _ = s.index[0].indices(x.shape[0]) if s.index else (0, x.shape[0], 1)
+        lo, hi = max(a, start), min(b, stop)
+        if lo < hi:
+            data = np.asarray(s.data)
+            if out is None:
+                out = np.empty((stop - start, *data.shape[1:]), data.dtype)
+            out[lo - start:hi - start] = data[lo - a:hi - a]
+    if out is None and stop > start:
+        raise RuntimeError(f"rows {start} ... {stop - 1} of a {x.shape} output are on no device of this process")
+    return out if out is not None else np.zeros((0, *x.shape[1:]), x.dtype)
 
 
 def _compile(lowered: jax.stages.Lowered, options: dict[str, Any], defaults: bool):

@@ -130,6 +130,19 @@ def make_batch(ids: Sequence[np.ndarray], indices: np.ndarray, L: int, rows: int
     return Batch(indices, input_ids, mask, mcls_interval)
 
 
+def pad_batch(batch: Batch, rows: int, L: int, pad_id: int, bos_id: int, eos_id: int) -> Batch:
+    """The batch grown to [rows, L]: its rows padded with pad id (mask 0), filler rows added (make_batch's)."""
+    r, n = batch.input_ids.shape
+    if (r, n) == (rows, L):
+        return batch
+    if r > rows or n > L:
+        raise ValueError(f"cannot pad a [{r} x {n}] batch to [{rows} x {L}]")
+    filler = make_batch([], np.zeros(0, np.int64), L, rows, pad_id, bos_id, eos_id, batch.mcls_interval)
+    filler.input_ids[:r, :n], filler.attention_mask[:r, :n] = batch.input_ids, batch.attention_mask
+    filler.input_ids[:r, n:], filler.attention_mask[:r, n:] = pad_id, 0
+    return Batch(batch.indices, filler.input_ids, filler.attention_mask, batch.mcls_interval)
+
+
 # ---------------------------------------------------------------------------------------------------- MCLS
 # Multiple CLS (BGE-M3 paper, appendix B.2): for long texts, a `<s>` every `interval` text tokens; the dense vector
 # is the mean of the last hidden states at all of them. The layout is a function of the text's length alone, so

@@ -88,18 +88,24 @@ def load_config(model: str | os.PathLike):
 def embed_checks(target: str, *, model: str | os.PathLike = "bge-m3", dtype: str = "bfloat16",
                  max_length: int = 8192, batch_size: int = 256, lengths: Sequence[int] | None = None,
                  max_tokens_per_batch: int | None = None, outputs: Sequence[str] = pipeline.HEADS,
-                 mcls_interval: int | None = None, mesh: str = "host",
+                 mcls_interval: int | None = None, mesh: str = "auto",
                  progress: Callable[[ShapeCheck], None] | None = None) -> list[ShapeCheck]:
-    """Compiles what `m3jax embed` compiles on `target`: one Encoder (the same planner, sharding and kernels) over
-    one host's devices (mesh "host": each process of a multi-host job drives its own; "global": one data-parallel
-    mesh over every device), for each length bucket up to max_length's (or `lengths`), at the full batch the planner
-    gives that bucket: min(batch_size, the rows that fit memory) unless max_tokens_per_batch is given. Each
-    bucket's largest batch is its most demanding shape; its partial batches have fewer rows."""
+    """Compiles what `m3jax embed` compiles on `target`: one Encoder (the same planner, sharding and kernels), for
+    each length bucket up to max_length's (or `lengths`), at the full batch the planner gives that bucket:
+    min(batch_size, the rows that fit memory) unless max_tokens_per_batch is given. Each bucket's largest batch is
+    its most demanding shape; its partial batches have fewer rows.
+
+    mesh: as `m3jax embed --mesh`. "host": one host's devices, as each process drives its own; "global": one mesh
+    over every device of the topology, each host's batch its block of a step's rows (the lockstep of
+    m3jax.engine.Encoder); "auto" (the default): "global" on a multi-host TPU topology, else "host"."""
     from m3jax.engine import Encoder
 
-    if mesh not in ("host", "global"):
-        raise ValueError(f"mesh must be 'host' or 'global', got {mesh!r}")
+    if mesh not in ("auto", "host", "global"):
+        raise ValueError(f"mesh must be 'auto', 'host' or 'global', got {mesh!r}")
     devices = accelerators.compile_only_devices(target)
+    if mesh == "auto":
+        multi_host = len({d.process_index for d in devices}) > 1
+        mesh = "global" if multi_host and devices[0].platform == "tpu" else "host"
     if mesh == "host":
         devices = accelerators.host_devices(devices)
     enc = Encoder(load_config(model), None, None, dtype=dtype, devices=devices,
@@ -108,21 +114,23 @@ def embed_checks(target: str, *, model: str | os.PathLike = "bge-m3", dtype: str
     top = pipeline.length_bucket(pipeline.mcls_length(max_length, mcls_interval) if mcls_interval else max_length,
                                  enc.length_buckets)
     todo = sorted(set(lengths)) if lengths else [b for b in enc.length_buckets if b <= top]
-    ndev, checks = len(devices), []
+    ndev, hosts, checks = len(enc.local_devices), enc.processes, []
     for length in todo:
         if length not in enc.length_buckets:
             raise ValueError(f"length {length} is not one of the Encoder's buckets {enc.length_buckets}")
-        try:  # the planner's full batch for this bucket
+        try:  # the planner's full batch for this bucket (one host's rows)
             rows = enc.plan(np.full(-(-batch_size // ndev) * ndev, length), batch_size=batch_size)[0][1]
         except Exception as e:  # noqa: BLE001 - sizing compiles too; its failure is this bucket's finding
             checks.append(ShapeCheck(f"embed [? x {length}]", length, 0, 0.0, None,
                                      accelerators.chip_memory(devices[0]), f"{type(e).__name__}: {e}"))
             continue
-        name = f"embed [{rows} x {length}]" + (f" mcls {mcls_interval}" if mcls_interval else "")
+        name = (f"embed [{rows} x {length}]" + (f" x {hosts} hosts" if hosts > 1 else "")
+                + (f" mcls {mcls_interval}" if mcls_interval else ""))
         heads = tuple(h for h in pipeline.HEADS if h in outputs)
         check = timed_check(name, length, rows // ndev, devices[0],
-                            lambda a=(length, rows, heads, mcls_interval): enc.executable(*a), in_flight=True)
-        key = (length, rows, heads) + ((mcls_interval,) if mcls_interval else ())
+                            lambda a=(length, rows * hosts, heads, mcls_interval): enc.executable(*a),
+                            in_flight=True)
+        key = (length, rows * hosts, heads) + ((mcls_interval,) if mcls_interval else ())
         check = dataclasses.replace(check, compile_s=enc.compile_seconds.get(key, check.compile_s))  # sizing's
         checks.append(check)
         if progress is not None:

@@ -326,3 +326,47 @@ def test_cpu_buckets_get_their_dot_library(release_dirs):
     texts = ["a short text", "and another one, a little longer than the first"]
     np.testing.assert_allclose(enc.encode(texts, max_length=32).dense, plain.encode(texts, max_length=32).dense,
                                atol=1e-5)
+
+
+def test_shapes_compile_in_the_background_once(tiny, monkeypatch):
+    """Encoder.prepare compiles planned shapes in background threads; `executable` finds them there (or waits), and
+    however many threads ask for one shape at once it is compiled once; a failed compile reaches the caller and a
+    later call tries again; compile_wait_s counts only the time callers of `executable` spent."""
+    import threading
+
+    from m3jax import engine
+
+    enc = engine.Encoder.from_pretrained(tiny, length_buckets=(16, 32, 8192))
+    calls, real = [], engine._compile
+    gate = threading.Event()
+
+    def counted(lowered, options, defaults):
+        calls.append(threading.current_thread().name)
+        gate.wait(30)  # held until the test has asked for the shape from several threads
+        return real(lowered, options, defaults)
+
+    monkeypatch.setattr(engine, "_compile", counted)
+    enc.prepare([(16, 4), (32, 4)], heads=("dense",))
+    got = []
+    askers = [threading.Thread(target=lambda: got.append(enc.executable(16, 4, heads=("dense",)))) for _ in range(4)]
+    for t in askers:
+        t.start()
+    gate.set()
+    for t in askers:
+        t.join(60)
+    assert len(got) == 4 and all(g is got[0] for g in got)
+    assert enc.executable(32, 4, heads=("dense",)) is enc.executable(32, 4, heads=("dense",))
+    assert len(calls) == 2 and all(name.startswith("m3jax-compile") for name in calls)  # both in the background
+    assert set(enc.compile_seconds) == {(16, 4, ("dense",)), (32, 4, ("dense",))}
+    assert 0 < enc.compile_wait_s < sum(enc.compile_seconds.values()) + 60
+
+    def broken(lowered, options, defaults):
+        raise RuntimeError("compiler crashed")
+
+    monkeypatch.setattr(engine, "_compile", broken)
+    enc.prepare([(16, 8)], heads=("dense",))
+    for _ in range(2):  # the background failure, then a fresh try that fails again
+        with pytest.raises(RuntimeError, match="compiler crashed"):
+            enc.executable(16, 8, heads=("dense",))
+    monkeypatch.setattr(engine, "_compile", real)
+    assert enc.executable(16, 8, heads=("dense",)) is not None

@@ -820,3 +820,17 @@ def test_host_memory_does_not_grow_with_the_corpus(tmp_path, model_dir):
           f"ColBERT output of the larger run {colbert_bytes / 2**20:.0f} MiB")
     assert colbert_bytes > 0.1 * peaks[n]
     assert abs(peaks[10 * n] - peaks[n]) < 0.1 * peaks[n]
+
+
+def test_windows_default_by_platform(tmp_path, model_dir):
+    """A window is 4,096 texts / 1M tokens on CPU and a whole shard / 2M tokens on accelerators (fewer partial
+    batches, so fewer shapes to compile there); the defaults are recorded as values, so a CPU job keeps its key."""
+    from m3jax.embed.job import default_windows
+
+    assert default_windows("cpu", 10_000) == (4096, 1 << 20)
+    assert default_windows("tpu", 10_000) == default_windows("gpu", 10_000) == (10_000, 1 << 21)
+    src = write_txt(tmp_path / "c.txt", TEXTS[:6])
+    m = embed(src, model_dir, tmp_path / "out", **SET)
+    assert (m["settings"]["window"], m["settings"]["window_tokens"]) == (4096, 1 << 20)
+    again = embed(src, model_dir, tmp_path / "out", window=4096, window_tokens=1 << 20, **SET)
+    assert again["key"] == m["key"] and again["run"]["skipped_shards"] == [0]

@@ -1,12 +1,16 @@
 """m3jax embed over jax.distributed: 2 processes x 2 CPU devices, a local coordinator; each process writes the
-shards k % 2 == its id, process 0 the manifest; the output equals a single 2-device process's, row for row."""
+shards k % 2 == its id, process 0 the manifest. Each process on its own devices (mesh "host"): the output equals a
+single 2-device process's, row for row; one mesh over all 4 devices in lockstep (mesh "global"): the same rows, the
+values to float32 rounding."""
 
 import os
+import re
 import socket
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 
 from m3jax.embed import EmbeddingReader
@@ -16,11 +20,12 @@ ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = """
 import sys
 from m3jax.embed import embed
-src, model, out, coord, nproc, pid = sys.argv[1:7]
-m = embed(src, model, out, max_length=32, batch_size=4, length_buckets=(32, 8192), shard_size=6, window=4,
+src, model, out, coord, nproc, pid, mesh = sys.argv[1:8]
+m = embed(src, model, out, max_length=32, batch_size=4, length_buckets=(16, 32, 8192), shard_size=6, window=4,
           colbert_dtype="float32", coordinator=coord or None, num_processes=int(nproc) if coord else None,
-          process_id=int(pid) if coord else None)
+          process_id=int(pid) if coord else None, mesh=mesh)
 print("ROWS", m["rows"], "SKIPPED", m["run"]["skipped_shards"], "TEXTS", m["run"]["texts"])
+print("SHAPES", sorted(m["run"]["shapes"]), "MESH", m["settings"].get("mesh", "host"))
 """
 
 
@@ -39,24 +44,39 @@ def test_two_processes_equal_one(tmp_path):
     src.write_text("".join(t + "\n" for t in texts))
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu",
            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    coord = f"127.0.0.1:{_free_port()}"
-    runs = [(tmp_path / "multi", coord, "2", str(p)) for p in range(2)] + [(tmp_path / "single", "", "1", "0")]
-    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(src), str(model), str(out), c, n, p], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out, c, n, p in runs]
-    outs = [p.communicate(timeout=600) for p in procs]  # the three run at once
+    coords = [f"127.0.0.1:{_free_port()}" for _ in range(2)]
+    runs = [(tmp_path / mesh, c, "2", str(p), mesh) for mesh, c in zip(("host", "global"), coords, strict=True)
+            for p in range(2)] + [(tmp_path / "single", "", "1", "0", "host")]
+    procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, str(src), str(model), str(out), *args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for out, *args in runs]
+    outs = [p.communicate(timeout=600) for p in procs]  # the five run at once
     for p, (_, err) in zip(procs, outs, strict=True):
         assert p.returncode == 0, err[-3000:]
     # Each process embedded only its own shards: 0, 2, 4 (18 rows) and 1, 3, 5 (15 rows).
-    assert "ROWS 33" in outs[0][0] and "TEXTS 18" in outs[0][0] and "TEXTS 15" in outs[1][0]
-    assert "TEXTS 33" in outs[2][0]
+    for a, b in ((0, 1), (2, 3)):
+        assert "ROWS 33" in outs[a][0] and "TEXTS 18" in outs[a][0] and "TEXTS 15" in outs[b][0]
+    assert "TEXTS 33" in outs[4][0]
+    shapes = [re.search(r"SHAPES (.*) MESH (\w+)", o).groups() for o, _ in outs]
+    assert [m for _, m in shapes] == ["host", "host", "global", "global", "host"]
+    # In lockstep both processes ran the same steps; on their own, each its own (the planner's shapes differ).
+    assert shapes[2][0] == shapes[3][0] and shapes[0][0] != shapes[1][0]
 
-    a, b = EmbeddingReader(tmp_path / "multi"), EmbeddingReader(tmp_path / "single")
-    assert a.manifest["runtime"]["processes"] == 2 and len(a) == len(b) == len(texts)
-    assert a.manifest["shards"] == b.manifest["shards"]
+    a, g, b = (EmbeddingReader(tmp_path / name) for name in ("host", "global", "single"))
+    assert a.manifest["runtime"]["processes"] == 2 and len(a) == len(b) == len(g) == len(texts)
+    assert a.manifest["runtime"]["local_devices"] == g.manifest["runtime"]["local_devices"] == 2
+    assert a.manifest["shards"] == b.manifest["shards"] == g.manifest["shards"]
     for s in b.manifest["shards"]:
-        ta, tb = pq.read_table(tmp_path / "multi" / s["file"]), pq.read_table(tmp_path / "single" / s["file"])
+        ta, tb = pq.read_table(tmp_path / "host" / s["file"]), pq.read_table(tmp_path / "single" / s["file"])
         assert ta.equals(tb), s["file"]  # row for row, every value
-    assert a.ids().tolist() == [str(i) for i in range(len(texts))]
+    assert a.ids().tolist() == g.ids().tolist() == [str(i) for i in range(len(texts))]
+    np.testing.assert_array_equal(g.lengths(), b.lengths())
+    np.testing.assert_allclose(g.dense(), b.dense(), rtol=0, atol=1e-5)
+    (gi, gw), (bi, bw) = g.sparse_padded(), b.sparse_padded()
+    np.testing.assert_array_equal(gi, bi)
+    np.testing.assert_allclose(gw, bw, rtol=0, atol=1e-5)
+    (gv, go), (bv, bo) = g.colbert(), b.colbert()
+    np.testing.assert_array_equal(go, bo)
+    np.testing.assert_allclose(gv, bv, rtol=0, atol=1e-5)
 
 
 def test_cloud_tpu_vm_joins_its_pod_slice_without_flags(monkeypatch):

@@ -73,15 +73,14 @@ def test_colab_tpus_compile_the_encode_step(target):
 
 
 def test_data_parallel_embed_partitions_on_a_pod():
-    """256 chips (v5e:16x16, 64 hosts), one data-parallel mesh, 32 rows of 512 per chip: the splash kernel runs per
-    chip's rows (shard_map); unpartitioned, XLA gathered all 8,192 rows onto every chip (23 GiB of temporaries).
-    `m3jax embed` itself runs each host's 4 chips (mesh "host")."""
+    """256 chips (v5e:16x16, 64 hosts), one data-parallel mesh (what `m3jax embed` runs there by default: the
+    lockstep global mesh), 128 rows of 512 per host, 32 per chip: the splash kernel runs per chip's rows
+    (shard_map); unpartitioned, XLA gathered all 8,192 rows onto every chip (23 GiB of temporaries)."""
     pod = accelerators.compile_only_devices("v5e:16x16")
     assert len(pod) == 256 and len(accelerators.host_devices(pod)) == 4
-    (check,) = embed_checks("v5e:16x16", mesh="global", lengths=[512], batch_size=8192,
-                            max_tokens_per_batch=8192 * 512)
+    (check,) = embed_checks("v5e:16x16", lengths=[512], batch_size=128, max_tokens_per_batch=128 * 512)
     assert check.ok, check.problem()
-    assert check.rows_per_device == 32
+    assert check.name == "embed [128 x 512] x 64 hosts" and check.rows_per_device == 32
     assert check.memory.temps < 1 << 30
 
 
@@ -136,7 +135,8 @@ def test_train_step_compiles_on_v5e_2x2_and_fits_with_fsdp(fsdp):
 def test_preflight_cli_passes_and_names_what_fails(capsys):
     """`m3jax preflight` prints one row per shape and exits 0 when all compile and fit; otherwise 1, naming each
     failing shape. v5e slices of 32 chips and more refuse an executable over one host's chips ("device assignment
-    should include all slice devices"), which is how `m3jax embed` runs each host: preflight says so."""
+    should include all slice devices"), which is how `m3jax embed --mesh host` runs each host: preflight says so;
+    the default there (mesh auto: global, in lockstep) compiles."""
     from m3jax.cli import main
 
     assert main(["preflight", "--target", "v5e:2x2", "--job", "embed", "--model", "tiny", "--lengths", "128,640",
@@ -144,11 +144,12 @@ def test_preflight_cli_passes_and_names_what_fails(capsys):
     out = capsys.readouterr().out
     assert "embed [128 x 128]" in out and "embed [28 x 640]" in out and "2 shape(s)" in out and "0 problem(s)" in out
     assert main(["preflight", "--target", "v5e:4x8", "--job", "embed", "--model", "tiny", "--lengths", "128",
-                 "--max-tokens-per-batch", "16384"]) == 1
+                 "--max-tokens-per-batch", "16384", "--mesh", "host"]) == 1
     captured = capsys.readouterr()
     assert "COMPILE FAILED" in captured.out
     assert "embed [128 x 128]: did not compile" in captured.err and "all slice devices" in captured.err
     assert main(["preflight", "--target", "v5e:4x8", "--job", "embed", "--model", "tiny", "--lengths", "128",
-                 "--max-tokens-per-batch", "16384", "--mesh", "global"]) == 0
+                 "--max-tokens-per-batch", "16384"]) == 0
+    assert "embed [128 x 128] x 8 hosts" in capsys.readouterr().out
     assert main(["preflight", "--target", "v9:2x2", "--job", "embed"]) == 2
     assert "expected a TPU topology" in capsys.readouterr().err

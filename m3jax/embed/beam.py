@@ -30,6 +30,7 @@ except ImportError as e:  # the module is the optional part: say which extra it 
 from m3jax import pipeline
 from m3jax.embed import job, writer
 from m3jax.embed.planner import plan_windows
+from m3jax.embed.sink import WindowOutputs
 
 
 class M3EmbedHandler(ModelHandler):
@@ -90,12 +91,10 @@ class M3EmbedHandler(ModelHandler):
                                window_tokens=1 << 62)  # the whole Beam batch is one window
         out: list = []
         for w in windows:
-            got: list[dict | None] = [None] * w.n
+            acc = WindowOutputs(w, s)
             for b, o in model.run(w.batches, heads=s.outputs, out_dtypes=s.out_dtypes()):
-                rows = pipeline.unpad(o, w.lengths[b.indices])
-                for r, i in enumerate(b.indices):
-                    got[i] = _row(w, int(i), r, rows, s)
-            out += got
+                acc.add(b, o)
+            out += acc.rows()
         return [PredictionResult(x, row, self.model_path) for x, row in zip(batch, out, strict=True)]
 
     def get_num_bytes(self, batch: Sequence[tuple[Any, str]]) -> int:
@@ -109,18 +108,6 @@ class M3EmbedHandler(ModelHandler):
         by default), for beam.io.WriteToParquet."""
         s = self.settings
         return writer.schema(s.outputs, {"dense": dense_dim, "colbert": colbert_dim}, s.dense_dtype, s.colbert_dtype)
-
-def _row(w, i: int, r: int, rows: pipeline.RaggedOutputs, s) -> dict:
-    """Input row i of window w (batch row r of `rows`) with the Parquet row's fields and dtypes."""
-    row = {"id": w.ids[i], "tokens": int(w.lengths[i]), "truncated": bool(w.truncated[i])}
-    if rows.dense is not None:
-        row["dense"] = rows.dense[r].astype(s.dense_dtype)
-    if rows.sparse_ids is not None:
-        row["sparse_ids"], row["sparse_weights"] = rows.sparse_row(r)
-    if rows.colbert is not None:
-        row["colbert"] = rows.colbert_row(r).astype(s.colbert_dtype)
-    return row
-
 
 def to_parquet_row(result: PredictionResult) -> dict:
     """A RunInference result as a dict beam.io.WriteToParquet writes with M3EmbedHandler.parquet_schema()."""

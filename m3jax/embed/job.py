@@ -28,15 +28,18 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import numpy as np
-
 from m3jax import distributed, pipeline
 from m3jax._io import settings_diff
 from m3jax.embed import writer
 from m3jax.embed.planner import ShardEnd, Window, plan_windows
+from m3jax.embed.sink import ShardSink, WindowOutputs
 from m3jax.embed.sources import InputError, Rows, resolve_inputs
 
 logger = logging.getLogger("m3jax")
+
+# Texts and tokens planned together (sorted and batched as one window), by platform: see default_windows.
+CPU_WINDOW = (4096, 1 << 20)
+ACCELERATOR_WINDOW_TOKENS = 1 << 21
 
 EMPTY_TEXTS = "kept: an empty line or text is embedded as an empty text (<s></s>) and counted in empty_texts"
 
@@ -64,6 +67,7 @@ class Settings:
     dtype: str = "float32"
     attn_impl: str = "auto"
     mcls_interval: int | None = None
+    mesh: str = "host"  # "global": the processes drive one mesh in lockstep (see embed's `mesh`)
 
     def out_dtypes(self) -> tuple[tuple[str, str], ...]:
         """The outputs' file dtypes, which the compiled step casts to on the device (Encoder.run's out_dtypes)."""
@@ -87,16 +91,19 @@ class Settings:
         m = self.mcls_interval
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"mcls_interval must be a positive int or None, got {m!r}")
+        if self.mesh not in ("host", "global"):
+            raise ValueError(f"mesh must be 'host' or 'global', got {self.mesh!r}")
 
 
 def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, output: str | os.PathLike, *,
           files: bool | None = None, source_id: str | None = None, outputs: Sequence[str] = pipeline.HEADS,
           max_length: int = 512, batch_size: int = 256,
-          shard_size: int = 10_000, window: int = 4096, window_tokens: int = 1 << 20, dense_dtype: str = "float32",
+          shard_size: int = 10_000, window: int | None = None, window_tokens: int | None = None,
+          dense_dtype: str = "float32",
           colbert_dtype: str = "float16", text_field: str = "text", id_field: str | None = None,
           dtype: str = "float32", attn_impl: str = "auto", max_tokens_per_batch: int | None = None,
           length_buckets: Sequence[int] | None = None, mcls_interval: int | None = None, devices: Any = None,
-          coordinator: str | None = None,
+          mesh: str = "auto", coordinator: str | None = None,
           num_processes: int | None = None, process_id: int | None = None, quiet: bool = False,
           callback: Callable[[dict], None] | None = None) -> dict:
     """Embeds a corpus into `output` (a local path or fsspec URL) and returns the manifest.
@@ -115,22 +122,39 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
         values (they are recorded in the job settings as passed here).
       outputs: any of "dense", "sparse", "colbert".
       shard_size: input rows per shard file. window / window_tokens: the rows sorted and batched together (memory
-        is bounded by a window's outputs: window_tokens x ColBERT dim).
+        is bounded by a window's outputs: window_tokens x ColBERT dim); None: default_windows for the platform.
       dense_dtype / colbert_dtype: "float32" or "float16" in the files (sparse weights are always float32).
       mcls_interval: multiple CLS, a `<s>` every that many text tokens, dense = mean of their hidden states (see
         m3jax.BGEM3.encode for what it does to max_length, sparse and ColBERT); the `tokens` column still counts
         each text's own tokens. None: plain BGE-M3.
       coordinator, num_processes, process_id: multi-host run over jax.distributed (see m3jax.distributed).
+      mesh: how the processes of a multi-host run use their devices. "host": each drives its own devices on its own
+        shards, independently (the output is bit-identical to one process's); "global": one mesh over every
+        process's devices, one executable per step run in lockstep (see m3jax.engine.Encoder), each process still
+        feeding and writing its own shards. Large v5e slices (32 chips and more) can only run this way: libtpu
+        refuses an executable on one host's chips there. Its output equals one process's to float rounding (a
+        step's shape depends on what the other processes bring). "auto" (the default): "global" on a multi-host
+        TPU, else "host". With `model` an Encoder, its devices decide.
       callback: called in the main thread after each window is written, with {"shard", "rows", "shard_done"}.
     """
     t_start = time.perf_counter()
     pid, nproc = distributed.initialize(coordinator, num_processes, process_id)
+    from m3jax.engine import Encoder
+
+    mesh = _mesh(mesh, model, devices, nproc)
+    if window is None or window_tokens is None:
+        from m3jax.engine import resolve_devices
+
+        platform = model.platform if isinstance(model, Encoder) else resolve_devices(
+            "global" if mesh == "global" else devices)[0].platform
+        default = default_windows(platform, shard_size)
+        window, window_tokens = window or default[0], window_tokens or default[1]
     settings = Settings(outputs=tuple(h for h in pipeline.HEADS if h in outputs), max_length=max_length,
                         batch_size=batch_size, max_tokens_per_batch=max_tokens_per_batch,
                         length_buckets=tuple(int(b) for b in length_buckets) if length_buckets else None,
                         shard_size=shard_size, window=window, window_tokens=window_tokens, dense_dtype=dense_dtype,
                         colbert_dtype=colbert_dtype, text_field=text_field, id_field=id_field, dtype=dtype,
-                        attn_impl=attn_impl, mcls_interval=mcls_interval)
+                        attn_impl=attn_impl, mcls_interval=mcls_interval, mesh=mesh)
     if set(outputs) - set(pipeline.HEADS):
         raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {tuple(outputs)!r}")
     settings.check(None)
@@ -143,16 +167,16 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     if fs.exists(root) and not fs.isdir(root):
         raise EmbedError(f"output {output}: is a file; give a directory (new or from an earlier run)")
 
-    from m3jax.engine import Encoder
-
-    encoder = model if isinstance(model, Encoder) else _encoder(model, settings, devices)
+    encoder = model if isinstance(model, Encoder) else _encoder(model, settings,
+                                                                "global" if mesh == "global" else devices)
     cfg = encoder.config
     settings.check(cfg.max_length)  # now that the model's limit is known
     encoder.check_mcls(settings.max_length, settings.mcls_interval)
     dims = {"dense": cfg.hidden_size, "colbert": cfg.colbert_dim}
     recorded = dataclasses.asdict(settings)
-    if recorded["mcls_interval"] is None:  # plain runs keep the job key they had before MCLS existed
-        del recorded["mcls_interval"]
+    for name, default in (("mcls_interval", None), ("mesh", "host")):
+        if recorded[name] == default:  # plain runs keep the job key they had before these existed
+            del recorded[name]
     job = {"format": writer.FORMAT, "version": writer.VERSION,
            "model": {"fingerprint": encoder.fingerprint(), "config": cfg.to_hf_config()},
            "settings": recorded,
@@ -175,96 +199,61 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
         if fresh:
             writer.write_json(fs, posixpath.join(root, writer.JOB_FILE), job)
     try:
-        return _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims, pid, nproc, quiet,
+        return _run_job(_Job(fs, root, output, job, settings, encoder, inputs, source, dims, pid, nproc), quiet,
                         callback, t_start)
     finally:
         lock.release()
 
 
-def _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims, pid, nproc, quiet, callback,
-             t_start):
-    """embed() once the job is known and its output directory held: resume scan, the loop, the manifest."""
-    distributed.barrier("job")
-    if pid != 0:
-        _check_output(fs, root, job, output)
+@dataclasses.dataclass(frozen=True)
+class _Job:
+    """A job once set up: where it writes, what it reads, with which encoder, as which process."""
 
-    finals, tmps = writer.list_shards(fs, root)
-    done = {}
-    for k, path in sorted(finals.items()):
-        info = writer.shard_info(fs, path)
-        if info is None or info.get("key") != key or info.get("shard") != k:
-            raise EmbedError(f"{path}: not a finished shard of this job (unreadable, or written with other "
-                             f"settings); remove it or use a new output directory")
-        done[k] = info
-    for k, path in tmps.items():  # leftovers of a killed run; each process cleans its own
-        if k % nproc == pid:
-            fs.rm(path)
-    schema = writer.schema(settings.outputs, dims, settings.dense_dtype, settings.colbert_dtype)
+    fs: Any
+    root: str
+    output: Any  # as the user gave it, for messages
+    spec: dict  # _job.json's content, its key included
+    settings: Settings
+    encoder: Any
+    inputs: list | None  # resolve_inputs' files, or None for an iterable
+    source: Any
+    dims: dict
+    pid: int
+    nproc: int
 
-    stats = _Stats()
+    @property
+    def key(self) -> str:
+        return self.spec["key"]
+
+
+def _run_job(job: _Job, quiet: bool, callback, t_start: float) -> dict:
+    """embed() once the job is known and its output directory held: the resume scan, the loop, the manifest."""
+    done = _resume_scan(job)
+    s, encoder = job.settings, job.encoder
+    stats, waited = _Stats(), encoder.compile_wait_s
     progress = None if quiet else _progress()
-    prefetch = _Prefetch(lambda: _produce(inputs, source, settings, encoder, done, pid, nproc))
-    pending: collections.deque = collections.deque()
-    open_writer: writer.ShardWriter | None = None
-    state: dict = {}
 
-    def batches():
-        try:
-            for item in prefetch:
-                pending.append(item)
-                if isinstance(item, Window):
-                    yield from item.batches
-                elif isinstance(item, _End):
-                    state["end"] = item
-        except Exception as e:  # noqa: BLE001 - raised once the rows read before it are written
-            state["error"] = e
+    def on_shard(info: dict) -> None:
+        if callback is not None:
+            callback({"shard": info["shard"], "rows": info["rows"], "shard_done": True})
 
-    def flush_ended() -> None:
-        nonlocal open_writer
-        while pending and not isinstance(pending[0], Window):
-            item = pending.popleft()
-            if isinstance(item, ShardEnd):
-                info = open_writer.commit(input_sha256=item.input_sha256)
-                open_writer = None
-                stats.shards_written += 1
-                if callback is not None:
-                    callback({"shard": item.shard, "rows": info["rows"], "shard_done": True})
+    def on_window(w: Window, rows: int) -> None:
+        stats.window(w)
+        if progress is not None:
+            progress.update(w.n)
+            progress.set_postfix_str(f"{stats.tokens / max(1e-9, time.perf_counter() - stats.t0):,.0f} tok/s",
+                                     refresh=False)
+        if callback is not None:
+            callback({"shard": w.shard, "rows": rows, "shard_done": False})
 
-    acc: _WindowOutputs | None = None
+    sink = ShardSink(job.fs, job.root, writer.schema(s.outputs, job.dims, s.dense_dtype, s.colbert_dtype), job.key,
+                     on_shard)
+    feed = _Feed(_Prefetch(lambda: _produce(job.inputs, job.source, s, encoder, done, job.pid, job.nproc)))
     try:
-        for batch, out in encoder.run(batches(), heads=settings.outputs, out_dtypes=settings.out_dtypes()):
-            flush_ended()
-            w = pending[0]
-            if acc is None or acc.window is not w:
-                acc = _WindowOutputs(w, settings)
-            acc.add(batch, out)
-            stats.batch(batch)
-            if not acc.complete:
-                continue
-            pending.popleft()
-            if open_writer is None:
-                open_writer = writer.ShardWriter(fs, root, w.shard, schema,
-                                                 {"key": key, "shard": w.shard, "first_row": w.start})
-            open_writer.write(acc.columns(), tokens=int(w.lengths.sum()), empty=w.empty,
-                              truncated=int(w.truncated.sum()))
-            stats.window(w)
-            if progress is not None:
-                progress.update(w.n)
-                progress.set_postfix_str(f"{stats.tokens / max(1e-9, time.perf_counter() - stats.t0):,.0f} tok/s",
-                                         refresh=False)
-            if callback is not None:
-                callback({"shard": w.shard, "rows": open_writer.rows, "shard_done": False})
-            acc = None
-        flush_ended()
-        if "error" in state:  # shards completed before the bad row are committed; the current one is dropped
-            raise state["error"]
-        end = state.get("end")
-        if end is None or pending:
-            raise RuntimeError("the input stream ended without its end marker")  # a bug, never user input
+        end = _write_all(encoder, feed, sink, s, stats, on_window)
     except BaseException:
-        prefetch.stop()
-        if open_writer is not None:
-            open_writer.abort()
+        feed.prefetch.stop()
+        sink.abort()
         raise
     finally:
         if progress is not None:
@@ -272,26 +261,108 @@ def _run_job(fs, root, output, job, key, settings, encoder, inputs, source, dims
 
     distributed.barrier("shards")
     manifest = None
-    if pid == 0:
-        manifest = _write_manifest(fs, root, job, end.rows, settings, dims, encoder, nproc)
+    if job.pid == 0:
+        manifest = _write_manifest(job.fs, job.root, job.spec, end.rows, s, job.dims, encoder, job.nproc)
     distributed.barrier("manifest")
     if manifest is None:
-        manifest = writer.read_json(fs, posixpath.join(root, writer.MANIFEST))
-    wall = time.perf_counter() - t_start
+        manifest = writer.read_json(job.fs, posixpath.join(job.root, writer.MANIFEST))
+    wall, waited = time.perf_counter() - t_start, encoder.compile_wait_s - waited
     if not quiet:
         pad = stats.padded / stats.tokens - 1 if stats.tokens else 0.0
         skipped = f"; {len(done)} finished shard(s) skipped" if done else ""
-        proc = f" (process {pid} of {nproc})" if nproc > 1 else ""
+        proc = f" (process {job.pid} of {job.nproc})" if job.nproc > 1 else ""
         print(f"m3jax embed{proc}: {stats.texts:,} texts, {stats.tokens:,} tokens, padding overhead {pad:.1%}, "
-              f"{len(stats.shapes)} compiled shapes, {wall:.1f}s wall, "
+              f"{len(stats.shapes)} compiled shapes ({waited:.1f}s waiting for compiles), {wall:.1f}s wall, "
               f"{stats.tokens / max(wall, 1e-9):,.0f} tokens/s{skipped}", file=sys.stderr)
     manifest = dict(manifest)
     manifest["run"] = {"texts": stats.texts, "tokens": stats.tokens, "padded_tokens": stats.padded,
-                       "shapes": sorted(stats.shapes), "wall_s": wall, "skipped_shards": sorted(done)}
+                       "shapes": sorted(stats.shapes), "wall_s": wall, "skipped_shards": sorted(done),
+                       "compile_wait_s": waited}
     return manifest
 
 
+def _resume_scan(job: _Job) -> dict[int, dict]:
+    """The finished shards of an earlier run of this job ({k: their info}); removes this process's leftover
+    temporary files. Every process checks the output directory once process 0 has set it up."""
+    distributed.barrier("job")
+    if job.pid != 0:
+        _check_output(job.fs, job.root, job.spec, job.output)
+    finals, tmps = writer.list_shards(job.fs, job.root)
+    done = {}
+    for k, path in sorted(finals.items()):
+        info = writer.shard_info(job.fs, path)
+        if info is None or info.get("key") != job.key or info.get("shard") != k:
+            raise EmbedError(f"{path}: not a finished shard of this job (unreadable, or written with other "
+                             f"settings); remove it or use a new output directory")
+        done[k] = info
+    for k, path in tmps.items():  # leftovers of a killed run; each process cleans its own
+        if k % job.nproc == job.pid:
+            job.fs.rm(path)
+    return done
+
+
+class _Feed:
+    """The batches of the windows the reader sends, in order. What it sent (windows and shard ends) waits in
+    `pending` until written; its end marker, and an error it raised, are kept for after the batches (the rows read
+    before a bad one are written first)."""
+
+    def __init__(self, prefetch: _Prefetch):
+        self.prefetch = prefetch
+        self.pending: collections.deque = collections.deque()
+        self.end: _End | None = None
+        self.error: Exception | None = None
+
+    def __iter__(self):
+        try:
+            for item in self.prefetch:
+                self.pending.append(item)
+                if isinstance(item, Window):
+                    yield from item.batches
+                elif isinstance(item, _End):
+                    self.end = item
+        except Exception as e:  # noqa: BLE001 - raised by _write_all once the rows before it are written
+            self.error = e
+
+
+def _write_all(encoder, feed: _Feed, sink: ShardSink, settings: Settings, stats: _Stats,
+               on_window: Callable[[Window, int], None]) -> _End:
+    """The loop: every batch through the encoder, each window written once all its batches are back, each shard
+    committed at its end; returns the end marker (raises the reader's error after the shards before it)."""
+
+    def commit_ended() -> None:
+        while feed.pending and not isinstance(feed.pending[0], Window):
+            item = feed.pending.popleft()
+            if isinstance(item, ShardEnd):
+                sink.commit(item)
+
+    acc: WindowOutputs | None = None
+    for batch, out in encoder.run(feed, heads=settings.outputs, out_dtypes=settings.out_dtypes()):
+        commit_ended()
+        w = feed.pending[0]
+        if acc is None or acc.window is not w:
+            acc = WindowOutputs(w, settings)
+        acc.add(batch, out)
+        stats.batch(batch)
+        if acc.complete:
+            feed.pending.popleft()
+            on_window(w, sink.write(w, acc))
+            acc = None
+    commit_ended()
+    if feed.error is not None:  # shards completed before the bad row are committed; the current one is dropped
+        raise feed.error
+    if feed.end is None or feed.pending:
+        raise RuntimeError("the input stream ended without its end marker")  # a bug, never user input
+    return feed.end
+
+
 # ------------------------------------------------------------------------------------------------------ pieces
+def default_windows(platform: str, shard_size: int) -> tuple[int, int]:
+    """(window, window_tokens) on `platform`. CPU: 4,096 texts / 1M tokens. Accelerators: a whole shard / 2M tokens
+    (ColBERT outputs of up to 4 GiB held on the host): a bigger window leaves fewer partial batches, so fewer shapes
+    to compile, which take seconds each there (benchmarks/tpu_compile_budget.py), and pads less."""
+    return CPU_WINDOW if platform == "cpu" else (shard_size, ACCELERATOR_WINDOW_TOKENS)
+
+
 def _files(source, files: bool | None) -> list[str] | None:
     """The paths `source` names, or None when it holds texts (see embed's `files`)."""
     single = isinstance(source, (str, os.PathLike))
@@ -313,6 +384,26 @@ def _files(source, files: bool | None) -> list[str] | None:
                          f"{os.fspath(source[0])!r:.60}); pass files=True to read them, or files=False to embed the "
                          "strings themselves")
     return None
+
+
+def _mesh(mesh: str, model, devices, nproc: int) -> str:
+    """embed's `mesh` resolved to "host" or "global"."""
+    import jax
+
+    from m3jax.engine import Encoder
+
+    if mesh not in ("auto", "host", "global"):
+        raise ValueError(f"mesh must be 'auto', 'host' or 'global', got {mesh!r}")
+    if isinstance(model, Encoder):
+        found = "global" if model.processes > 1 else "host"
+        if mesh not in ("auto", found):
+            raise EmbedError(f"mesh={mesh!r}, but the Encoder given spans {model.processes} process(es): {found}")
+        return found
+    if mesh == "global" and devices is not None:
+        raise EmbedError("mesh='global' uses every process's devices; leave devices unset")
+    if mesh == "auto":
+        return "global" if nproc > 1 and devices is None and jax.devices()[0].platform == "tpu" else "host"
+    return mesh
 
 
 def _names_input(s: str) -> bool:
@@ -406,9 +497,14 @@ def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, 
                 chunk = rows.take(want)
                 _hash_rows(h, chunk)
                 if chunk:
-                    yield from plan_windows(encoder, k, start + taken, chunk, max_length=settings.max_length,
-                                            batch_size=settings.batch_size, window_tokens=settings.window_tokens,
-                                            mcls_interval=settings.mcls_interval)
+                    windows = plan_windows(encoder, k, start + taken, chunk, max_length=settings.max_length,
+                                           batch_size=settings.batch_size, window_tokens=settings.window_tokens,
+                                           mcls_interval=settings.mcls_interval)
+                    # New shapes compile in the background while the devices run the batches before them.
+                    shapes = {(b.input_ids.shape[1], b.input_ids.shape[0] * encoder.processes): None
+                              for w in windows for b in w.batches}
+                    encoder.prepare(shapes, settings.outputs, settings.mcls_interval, settings.out_dtypes())
+                    yield from windows
                 taken += len(chunk)
                 if len(chunk) < want:
                     break
@@ -464,71 +560,10 @@ class _Prefetch:
         self._thread.join(timeout=10)
 
 
-class _WindowOutputs:
-    """A window's outputs gathered batch by batch (ragged ones flat, already in the file dtypes), then put back in
-    input order as Arrow columns."""
-
-    def __init__(self, w: Window, settings: Settings):
-        self.window, self.settings = w, settings
-        self.got = 0
-        self.idx: list[np.ndarray] = []
-        self.dense: list[np.ndarray] = []
-        self.sparse: list[tuple] = []
-        self.colbert: list[tuple] = []
-
-    @property
-    def complete(self) -> bool:
-        return self.got == len(self.window.batches)
-
-    def add(self, batch, out) -> None:
-        """out: the engine's EncodeOutputs for batch, trimmed to its real rows (None for heads not computed)."""
-        self.got += 1
-        idx = np.asarray(batch.indices)
-        self.idx.append(idx)
-        rows = pipeline.unpad(out, self.window.lengths[idx])
-        if rows.dense is not None:
-            self.dense.append(rows.dense.astype(self.settings.dense_dtype, copy=False))
-        if rows.sparse_ids is not None:
-            self.sparse.append((np.diff(rows.sparse_offsets), rows.sparse_ids, rows.sparse_weights))
-        if rows.colbert is not None:
-            vecs = rows.colbert.astype(self.settings.colbert_dtype, copy=False)  # cast on the device already
-            self.colbert.append((np.diff(rows.colbert_offsets), vecs))
-
-    def columns(self) -> dict:
-        import pyarrow as pa
-
-        w = self.window
-        perm = np.argsort(np.concatenate(self.idx), kind="stable")  # batch-order position of input row i
-        cols = {"id": pa.array(w.ids, pa.string()), "tokens": pa.array(w.lengths.astype(np.int32)),
-                "truncated": pa.array(w.truncated.astype(bool))}
-        if self.dense:
-            d = np.concatenate(self.dense)[perm]
-            cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(d.reshape(-1)), d.shape[1])
-        if self.sparse:
-            counts = np.concatenate([c for c, _, _ in self.sparse])
-            ids, off = _ragged_take(np.concatenate([i for _, i, _ in self.sparse]), counts, perm)
-            wts, _ = _ragged_take(np.concatenate([x for _, _, x in self.sparse]), counts, perm)
-            cols["sparse_ids"], cols["sparse_weights"] = writer.ragged(ids, off), writer.ragged(wts, off)
-        if self.colbert:
-            counts = np.concatenate([c for c, _ in self.colbert])
-            vecs, off = _ragged_take(np.concatenate([v for _, v in self.colbert]), counts, perm)
-            cols["colbert"] = writer.ragged(vecs, off, inner=vecs.shape[1])
-        return cols
-
-
-def _ragged_take(values: np.ndarray, counts: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Rows perm of a ragged array (row i = values[starts[i]:starts[i] + counts[i]]): (values, offsets [n + 1])."""
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
-    c = counts[perm].astype(np.int64)
-    offsets = np.concatenate([[0], np.cumsum(c)]).astype(np.int64)
-    src = np.repeat(starts[perm] - offsets[:-1], c) + np.arange(offsets[-1])
-    return values[src], offsets
-
-
 class _Stats:
     def __init__(self):
         self.t0 = time.perf_counter()
-        self.texts = self.tokens = self.padded = self.shards_written = 0
+        self.texts = self.tokens = self.padded = 0
         self.shapes: set = set()
 
     def batch(self, b) -> None:
@@ -582,7 +617,7 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
                 "truncated": sum(s["truncated"] for s in shards),
                 "duplicate_ids": duplicates,
                 "shards": shards,
-                "runtime": {"processes": nproc, "local_devices": len(getattr(encoder, "devices", []) or []),
+                "runtime": {"processes": nproc, "local_devices": len(getattr(encoder, "local_devices", []) or []),
                             "platform": encoder.platform}}
     writer.write_json(fs, posixpath.join(root, writer.MANIFEST), manifest)
     return manifest
