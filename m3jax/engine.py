@@ -51,7 +51,8 @@ CPU_EIGEN_DOTS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 # tokens, the rest is extrapolated from its memory analysis and checked by a second compile.
 PROBE_TOKENS = 16384
 MAX_ROWS_PER_DEVICE = 4096
-# Threads that compile planned shapes ahead of their first batch (Encoder.prepare).
+# Threads that compile planned shapes ahead of their first batch (Encoder.prepare); one XLA compile keeps about two
+# cores busy.
 COMPILE_THREADS = max(1, min(8, (os.cpu_count() or 2) // 2))
 LOCKSTEP_AHEAD = 16  # steps whose shapes the processes of a global mesh agree at once (Encoder._lockstep)
 
