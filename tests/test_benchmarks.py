@@ -100,3 +100,19 @@ def test_attention_benchmark_times_every_path(tmp_path):
     rows = [line.split() for line in r.stdout.splitlines() if line.startswith("  ")]
     assert [x[0] for x in rows] == ["tiled", "chunked", "torch"] * 2
     assert all(float(x[1].rstrip("s")) > 0 for x in rows)
+
+
+def test_compile_budget_timeline():
+    """tpu_compile_budget.compile_waits: a window's new shapes queue for the compile threads when the devices start
+    the window `ahead` before it; a batch runs once the devices are free and its executable is ready."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("tpu_compile_budget", ROOT / "benchmarks" / "tpu_compile_budget.py")
+    budget = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(budget)
+    windows = [[(1, 1), (2, 1)], [(1, 1)], [(3, 1)]]
+    waits = [budget.compile_waits(windows, lambda s: 10.0, lambda s: 1.0, threads=t, ahead=1) for t in (1, 2)]
+    # 1 thread: shapes ready at 10, 20 and (queued at 21, when window 1 starts) 31; the devices end at 32.
+    # 2 threads: ready at 10, 10 and 22 (queued at 12); the devices end at 23. Busy 4 s either way.
+    assert waits == [28.0, 19.0]
+    assert budget.compile_waits(windows, lambda s: 0.0, lambda s: 1.0, threads=1, ahead=1) == 0.0
