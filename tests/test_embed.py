@@ -834,3 +834,65 @@ def test_windows_default_by_platform(tmp_path, model_dir):
     assert (m["settings"]["window"], m["settings"]["window_tokens"]) == (4096, 1 << 20)
     again = embed(src, model_dir, tmp_path / "out", window=4096, window_tokens=1 << 20, **SET)
     assert again["key"] == m["key"] and again["run"]["skipped_shards"] == [0]
+
+
+def test_fuzzed_inputs_embed_or_fail_naming_file_and_line(tmp_path, model_dir):
+    """Seeded fuzzing of a JSONL corpus and of a Parquet file: random bytes flipped, NUL and invalid UTF-8 inserted,
+    lines cut or truncated, values retyped. Every run either embeds every line, with a manifest, or raises an
+    InputError naming the file and the line (row), and leaves only whole shards and no manifest."""
+    rng = np.random.default_rng(28)
+    good = [json.dumps({"id": f"d{i}", "text": t}).encode() for i, t in enumerate(TEXTS[:12])]
+    kw = dict(id_field="id", shard_size=4, window=4, **SET)
+    outcomes = {"embedded": 0, "refused": 0}
+
+    def check(src: Path, out: Path, lines: int | None) -> None:
+        try:
+            m = embed(str(src), model_dir, out, **kw)
+        except InputError as e:
+            print(f"  {src.name}: {str(e)[:150]}")
+            assert src.name in str(e) and re.search(r"(line|row) \d+|truncated|cannot read", str(e)), str(e)
+            names = sorted(p.name for p in out.iterdir()) if out.exists() else []
+            assert "_manifest.json" not in names and not [n for n in names if n.startswith("_tmp")], names
+            for n in names:
+                if n.startswith("shard-"):
+                    assert pq.read_metadata(out / n).num_rows == 4  # only whole shards
+            outcomes["refused"] += 1
+            return
+        assert lines is None or m["rows"] == lines
+        assert (out / "_manifest.json").exists() and len(EmbeddingReader(out)) == m["rows"]
+        outcomes["embedded"] += 1
+
+    for case in range(24):
+        lines = list(good)
+        kind = case % 6
+        i = int(rng.integers(len(lines)))
+        if kind == 0:  # a random byte flipped
+            b = bytearray(lines[i])
+            b[int(rng.integers(len(b)))] = int(rng.integers(256))
+            lines[i] = bytes(b)
+        elif kind == 1:  # NUL bytes inside the JSON text (escaped, legal) or raw (illegal in JSON)
+            lines[i] = lines[i].replace(b'"text": "', b'"text": "\\u0000' if rng.random() < 0.5 else b'"text": "\x00')
+        elif kind == 2:  # invalid UTF-8
+            lines[i] = lines[i][:12] + b"\xc3\x28\xff" + lines[i][12:]
+        elif kind == 3:  # a line cut short
+            lines[i] = lines[i][:int(rng.integers(1, len(lines[i])))]
+        elif kind == 4:  # a value retyped
+            value = [None, 7, 1.5, ["a"], {"x": 1}, True][int(rng.integers(6))]
+            lines[i] = json.dumps({"id": f"d{i}", "text": value} if rng.random() < 0.5 else
+                                  {"id": value, "text": "t"}).encode()
+        else:  # the file truncated mid-line (or at a line end)
+            data = b"\n".join(lines) + b"\n"
+            lines = data[:int(rng.integers(len(data) // 2, len(data)))].split(b"\n")
+            lines = [x for x in lines if x] if rng.random() < 0.5 else lines[:-1] + ([lines[-1]] if lines[-1] else [])
+        src = tmp_path / f"f{case}.jsonl"
+        src.write_bytes(b"\n".join(lines) + b"\n")
+        check(src, tmp_path / f"o{case}", None)
+    # Parquet: a file cut short anywhere cannot be read and is refused naming it.
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(12)], "text": TEXTS[:12]}), tmp_path / "ok.parquet")
+    whole = (tmp_path / "ok.parquet").read_bytes()
+    for case, cut in enumerate(sorted(rng.integers(1, len(whole), size=4))):
+        (tmp_path / f"t{case}.parquet").write_bytes(whole[:cut])
+        check(tmp_path / f"t{case}.parquet", tmp_path / f"p{case}", None)
+    check(tmp_path / "ok.parquet", tmp_path / "pok", 12)
+    print(f"\nfuzzed inputs: {outcomes}")
+    assert outcomes["refused"] >= 12 and outcomes["embedded"] >= 2  # both paths taken
