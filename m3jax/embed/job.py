@@ -173,20 +173,7 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     settings.check(cfg.max_length)  # now that the model's limit is known
     encoder.check_mcls(settings.max_length, settings.mcls_interval)
     dims = {"dense": cfg.hidden_size, "colbert": cfg.colbert_dim}
-    recorded = dataclasses.asdict(settings)
-    for name, default in (("mcls_interval", None), ("mesh", "host")):
-        if recorded[name] == default:  # plain runs keep the job key they had before these existed
-            del recorded[name]
-    job = {"format": writer.FORMAT, "version": writer.VERSION,
-           "model": {"fingerprint": encoder.fingerprint(), "config": cfg.to_hf_config()},
-           "settings": recorded,
-           "input": {"files": [{"path": f["path"], "size": f["size"]} for f in inputs]} if inputs is not None
-           else {"iterable": True}}
-    if source_id is not None:
-        job["input"]["source_id"] = str(source_id)
-    job = json.loads(json.dumps(job))  # tuples as lists, as they read back
-    key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
-    job["key"] = key
+    job = _job_spec(settings, encoder, inputs, source_id)
 
     lock = writer.OutputLock(fs, root)
     if pid == 0:
@@ -203,6 +190,24 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
                         callback, t_start)
     finally:
         lock.release()
+
+
+def _job_spec(settings: Settings, encoder, inputs: list | None, source_id: str | None) -> dict:
+    """_job.json: what decides the output (format, model, settings, input), and its key, a hash of the rest."""
+    recorded = dataclasses.asdict(settings)
+    for name, default in (("mcls_interval", None), ("mesh", "host")):
+        if recorded[name] == default:  # plain runs keep the job key they had before these existed
+            del recorded[name]
+    job = {"format": writer.FORMAT, "version": writer.VERSION,
+           "model": {"fingerprint": encoder.fingerprint(), "config": encoder.config.to_hf_config()},
+           "settings": recorded,
+           "input": {"files": [{"path": f["path"], "size": f["size"]} for f in inputs]} if inputs is not None
+           else {"iterable": True}}
+    if source_id is not None:
+        job["input"]["source_id"] = str(source_id)
+    job = json.loads(json.dumps(job))  # tuples as lists, as they read back
+    job["key"] = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+    return job
 
 
 @dataclasses.dataclass(frozen=True)
