@@ -22,6 +22,7 @@ from m3jax.engine import Encoder, configure_compilation_cache
 from m3jax.index import CorpusIndex
 from m3jax.model import BGEM3Model, ModelOutputs, forward, init_model, model_from_params
 from m3jax.pipeline import EncodeResult
+from m3jax.reranker import FlagReranker
 from m3jax.weights import ConversionError
 
 # The encode pipeline's module was m3jax.encode before it was named for what its callers call it; the old name is
@@ -38,6 +39,7 @@ __all__ = [
     "CorpusIndex",
     "EncodeResult",
     "Encoder",
+    "FlagReranker",
     "HubUnavailableError",
     "M3Config",
     "ModelOutputs",

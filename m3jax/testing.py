@@ -67,6 +67,24 @@ def write_random_release(dst: str | os.PathLike, cfg: M3Config, *, seed: int = 0
     return dst
 
 
+def write_random_reranker(dst: str | os.PathLike, cfg: M3Config, *, seed: int = 0) -> Path:
+    """A randomly initialised re-ranker in bge-reranker-v2-m3's release layout (XLMRobertaForSequenceClassification,
+    one label, model.safetensors, the XLM-R tokenizer), every parameter drawn (LayerNorm scales and biases too)."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    dst = Path(dst)
+    dst.mkdir(parents=True, exist_ok=True)
+    gen = torch.Generator().manual_seed(seed)
+    hf = XLMRobertaConfig(**{**cfg.to_hf_config(), "architectures": ["XLMRobertaForSequenceClassification"]},
+                          num_labels=1)
+    model = XLMRobertaForSequenceClassification(hf)
+    model.load_state_dict({name: _random_like(name, p, gen) for name, p in model.state_dict().items()})
+    model.save_pretrained(dst, safe_serialization=True)
+    write_tokenizer(dst)
+    return dst
+
+
 def _sample_ids(torch):
     """A few multilingual sentences as one row of XLM-R token ids."""
     from tokenizers import Tokenizer

@@ -49,6 +49,13 @@ class Tokenizer:
         ids = [np.asarray(e.ids, dtype=np.int32) for e in encodings]
         return ids, np.array([bool(e.overflowing) for e in encodings], dtype=bool)
 
+    def encode_plain(self, texts: list[str], max_length: int) -> list[np.ndarray]:
+        """Token ids without `<s>`/`</s>`, at most max_length each (transformers' tokenizer(texts,
+        add_special_tokens=False, truncation=True, max_length=max_length))."""
+        with self._lock:
+            encodings = self._plain(int(max_length)).encode_batch(texts, add_special_tokens=False)
+        return [np.asarray(e.ids, dtype=np.int32) for e in encodings]
+
     def _plain(self, truncate: int | None):
         """The `tokenizers` instance without padding, truncating at `truncate` tokens (None: not at all), whatever
         another wrapper of it set last. Called under self._lock."""

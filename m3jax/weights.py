@@ -92,16 +92,18 @@ def slots(cfg: M3Config) -> dict[str, Slot]:
     return out
 
 
-def converted_tensors(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32
-                      ) -> Iterator[tuple[Slot, np.ndarray]]:
+def converted_tensors(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32,
+                      heads: bool = True) -> Iterator[tuple[Slot, np.ndarray]]:
     """Yields (slot, C-contiguous array in m3jax's layout and dtype) for each PyTorch tensor, one at a time: each is
     read from its mapping only when its turn comes, so a consumer that writes it out and drops it holds one tensor.
 
     files: {source name (a file path): {torch key: array}}; the name is what error messages cite. Keys may carry a
     `roberta.` prefix; the pooler is ignored. After the last tensor, raises ConversionError listing every missing,
     unexpected, wrongly shaped, non-float and non-finite tensor at once (tensors already yielded included).
+    heads=False: the encoder alone (XLM-RoBERTa's tensors; BGE-M3's sparse and ColBERT heads neither needed nor
+    taken).
     """
-    table = slots(cfg)
+    table = {k: v for k, v in slots(cfg).items() if heads or k not in HEAD_KEYS}
     problems, seen = [], {}
     for source, tensors in files.items():
         for raw_key in tensors:
@@ -142,11 +144,14 @@ def _count_non_finite(arr: np.ndarray, rows: int = 1 << 14) -> int:
     return sum(int(flat[i:i + rows].size - np.isfinite(flat[i:i + rows]).sum()) for i in range(0, len(flat), rows))
 
 
-def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32) -> dict:
+def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config, *, dtype=np.float32,
+                    heads: bool = True) -> dict:
     """Converts PyTorch tensors (encoder and both heads) into m3jax's nested parameter dict (see converted_tensors
-    for `files` and the errors)."""
-    flat = {path: np.zeros(shape, dtype) for path, shape in param_shapes(cfg).items()}
-    for slot, arr in converted_tensors(files, cfg, dtype=dtype):
+    for `files` and the errors). heads=False: the encoder's only (the result has no head parameters)."""
+    head_paths = {TABLE[k][0] for k in HEAD_KEYS}
+    flat = {path: np.zeros(shape, dtype) for path, shape in param_shapes(cfg).items()
+            if heads or path not in head_paths}
+    for slot, arr in converted_tensors(files, cfg, dtype=dtype, heads=heads):
         if slot.layer is None:
             flat[slot.path] = arr
         else:

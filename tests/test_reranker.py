@@ -1,0 +1,60 @@
+"""m3jax.FlagReranker against FlagEmbedding's FlagReranker, both on one random checkpoint in bge-reranker-v2-m3's
+release layout (every parameter drawn): scores, query and pair truncation, instructions, input forms, normalize."""
+
+import numpy as np
+import pytest
+
+from tests.helpers import SENTENCES, long_text, mixed
+
+TOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reranker_dir(tmp_path_factory):
+    from m3jax.config import M3Config
+    from m3jax.testing import write_random_reranker
+
+    return write_random_reranker(tmp_path_factory.mktemp("reranker"), M3Config.tiny(), seed=3)
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    queries = SENTENCES[:4] + [long_text(120, seed=5), ""]
+    passages = mixed(6, seed=7, max_words=30) + [long_text(400, seed=6)]
+    return [[q, p] for q in queries for p in passages[:3]] + [[queries[4], passages[-1]], [queries[0], ""]]
+
+
+def flag(path, **kw):
+    from FlagEmbedding import FlagReranker
+
+    return FlagReranker(str(path), use_fp16=False, devices="cpu", **kw)
+
+
+@pytest.mark.parametrize("kw", [{}, {"max_length": 64}, {"max_length": 64, "query_max_length": 16},
+                                {"max_length": 32, "query_max_length": 30}, {"normalize": True}],
+                         ids=["defaults", "max_length 64", "query 16", "query leaves no room", "normalize"])
+def test_scores_match_flagembedding(reranker_dir, pairs, kw):
+    """Long queries are cut at query_max_length (3/4 of max_length by default), long pairs from the passage's end; a
+    query that leaves the passage no room leaves the pair uncut, as transformers does (it logs an error)."""
+    from m3jax import FlagReranker
+
+    ours = FlagReranker(reranker_dir, batch_size=8, **kw).compute_score(pairs)
+    ref = flag(reranker_dir, batch_size=8, **kw).compute_score(pairs)
+    assert isinstance(ours, list) and all(isinstance(x, float) for x in ours) and len(ours) == len(pairs)
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=TOL)
+    assert np.std(ours) > 1e-3  # the scores differ between pairs: the comparison tests something
+
+
+def test_call_options_instructions_and_one_pair(reranker_dir, pairs):
+    from m3jax import FlagReranker
+
+    kw = dict(query_instruction_for_rerank="Query: ", passage_instruction_for_rerank="Doc: ",
+              passage_instruction_format="{}\\n{}")
+    ours, ref = FlagReranker(reranker_dir, **kw), flag(reranker_dir, **kw)
+    call = dict(max_length=48, query_max_length=12, normalize=True, batch_size=3)
+    np.testing.assert_allclose(ours.compute_score(pairs, **call), ref.compute_score(pairs, **call), atol=TOL)
+    one = ours.compute_score(pairs[0])  # one pair: a list of one score, as FlagEmbedding 1.4 returns
+    assert isinstance(one, list) and len(one) == 1
+    np.testing.assert_allclose(one, ref.compute_score(pairs[0]), atol=TOL)
+    with pytest.raises(TypeError, match="pair 1: expected"):
+        ours.compute_score([["a", "b"], ["only one"]])
