@@ -99,6 +99,7 @@ class CorpusIndex:
       sparse_ids, sparse_weights: [N, K] int32 (-1 = padding) and float32.
       colbert, colbert_mask: [N, T, C] float32 / bfloat16 and [N, T] bool.
       doc_ids: optional [N] ints or strings returned by search instead of corpus positions.
+      texts: optional [N] passage texts, for re-ranking a search with a cross-encoder (search's `rerank`).
       devices: devices to shard over; default jax.local_devices().
       chunk_size: passages scored per step per device (bounds the memory of a search).
       vocab_size: the id range of sparse_ids.
@@ -109,7 +110,7 @@ class CorpusIndex:
     def __init__(self, dense: Any = None, sparse_ids: Any = None, sparse_weights: Any = None, colbert: Any = None,
                  colbert_mask: Any = None, *, doc_ids: Sequence | np.ndarray | None = None,
                  devices: Sequence[jax.Device] | None = None, chunk_size: int = CHUNK_SIZE,
-                 vocab_size: int = VOCAB_SIZE, dtype: Any = None):
+                 vocab_size: int = VOCAB_SIZE, dtype: Any = None, texts: Sequence[str] | None = None):
         given = {"dense": dense, "sparse_ids": sparse_ids, "sparse_weights": sparse_weights, "colbert": colbert,
                  "colbert_mask": colbert_mask}
         self.groups = _groups_given(given, "CorpusIndex")
@@ -148,6 +149,14 @@ class CorpusIndex:
             if ids.dtype.kind not in "iuU":
                 raise TypeError(f"doc_ids: expected ints or strings, got dtype {ids.dtype}")
             self.doc_ids = ids
+        self.texts = None
+        if texts is not None:
+            self.texts = list(texts)
+            if len(self.texts) != self.num_docs:
+                raise ValueError(f"texts: expected {self.num_docs} (one per passage), got {len(self.texts)}")
+            bad = next((i for i, t in enumerate(self.texts) if not isinstance(t, str)), None)
+            if bad is not None:
+                raise TypeError(f"texts[{bad}]: expected a string, got {type(self.texts[bad]).__name__}")
 
         self.devices = tuple(devices) if devices is not None else tuple(jax.local_devices())
         if not self.devices:
@@ -181,7 +190,8 @@ class CorpusIndex:
     # -------------------------------------------------------------------------------------------- search
     def search(self, queries: Mapping[str, Any] | Any, k: int, mode: str = "dense", *, candidates: int = 100,
                first_stage: str = "dense", weights: Sequence[float] = (1.0, 0.3, 1.0), zero_floor: bool = False,
-               batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+               batch_size: int = 16, rerank: Any = None, rerank_depth: int = 100,
+               query_texts: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k passages for each query.
 
         Args:
@@ -194,9 +204,13 @@ class CorpusIndex:
           weights: (dense, sparse, colbert) weights of the hybrid rerank; not normalised.
           zero_floor: ColBERT per-token max floored at 0 (FlagEmbedding compute_score) instead of the plain max.
           batch_size: queries per device step (padded; one compiled shape).
+          rerank: a cross-encoder (m3jax.FlagReranker, or anything with FlagEmbedding's
+            `compute_score(pairs) -> list of floats`): the mode's top rerank_depth passages (at least k) are scored
+            with it against query_texts and the index's texts, and the top k of those scores returned.
+          query_texts: [Q] the queries' texts, with rerank.
         Returns:
           (scores [Q, k] float32, ids [Q, k]): doc_ids if the index has them, else int32 corpus positions; ranked by
-          score descending, ties by lower corpus position.
+          score descending, ties by lower corpus position (with rerank: its scores, ties by first-stage rank).
         """
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
@@ -213,12 +227,17 @@ class CorpusIndex:
         q = self._queries(queries, needed)
         nq = q["n"]
         del q["n"]
+        if rerank is not None:
+            self._check_rerank(rerank, query_texts, nq)
+            k_final, k = int(k), min(max(scoring.check_positive("rerank_depth", rerank_depth), int(k)),
+                                     self.num_docs)
         hybrid = mode == "hybrid"  # options a mode ignores are normalised away: one compiled search per real plan
         plan = _Plan(mode=mode, k=int(k), candidates=min(max(cand, int(k)), self.num_docs) if hybrid else 0,
                      first_stage=first_stage if hybrid else "", weights=w if hybrid else (1.0, 1.0, 1.0),
                      zero_floor=bool(zero_floor) and "colbert" in needed, chunk=self.chunk,
                      vocab_size=self.vocab_size)
         if nq == 0:
+            k = k_final if rerank is not None else k
             empty_ids = np.zeros((0, k), self.doc_ids.dtype if self.doc_ids is not None else np.int32)
             return np.zeros((0, k), np.float32), empty_ids
         corpus = {name: self.corpus[name] for name in (*(n for g in needed for n in GROUPS[g]), "valid")}
@@ -233,7 +252,27 @@ class CorpusIndex:
         scores, idx = np.concatenate(scores), np.concatenate(idx)
         if idx.min() < 0 or idx.max() >= self.num_docs:  # padding rows rank last; reaching one is a bug
             raise RuntimeError(f"search returned a padding row (index {int(idx.max())} >= {self.num_docs})")
+        if rerank is not None:
+            scores, idx = self._reranked(rerank, query_texts, idx, k_final)
         return scores, (self.doc_ids[idx] if self.doc_ids is not None else idx)
+
+    def _check_rerank(self, rerank: Any, query_texts: Sequence[str] | None, nq: int) -> None:
+        if not callable(getattr(rerank, "compute_score", None)):
+            raise TypeError(f"rerank: expected a re-ranker with compute_score(pairs) (m3jax.FlagReranker), got "
+                            f"{type(rerank).__name__}")
+        if self.texts is None:
+            raise ValueError("rerank needs the passages' texts: build the index with texts=[...] (one per passage)")
+        if query_texts is None or len(query_texts) != nq:
+            raise ValueError(f"rerank needs query_texts, one per query ({nq}), got "
+                             f"{'none' if query_texts is None else len(query_texts)}")
+
+    def _reranked(self, rerank: Any, query_texts: Sequence[str], idx: np.ndarray, k: int
+                  ) -> tuple[np.ndarray, np.ndarray]:
+        """The first stage's candidates idx [Q, depth] re-scored by the cross-encoder; its top k per query."""
+        pairs = [[query_texts[i], self.texts[j]] for i in range(idx.shape[0]) for j in idx[i]]
+        scores = np.asarray(rerank.compute_score(pairs), np.float32).reshape(idx.shape)
+        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties keep the first stage's order
+        return np.take_along_axis(scores, order, 1), np.take_along_axis(idx, order, 1)
 
     def _needed(self, mode: str, first_stage: str, w: tuple[float, float, float]) -> tuple[str, ...]:
         if mode == "hybrid":

@@ -58,3 +58,34 @@ def test_call_options_instructions_and_one_pair(reranker_dir, pairs):
     np.testing.assert_allclose(one, ref.compute_score(pairs[0]), atol=TOL)
     with pytest.raises(TypeError, match="pair 1: expected"):
         ours.compute_score([["a", "b"], ["only one"]])
+
+
+def test_search_reranks_the_first_stage(reranker_dir):
+    """CorpusIndex.search(rerank=...): the first stage's top rerank_depth, re-scored by the cross-encoder, top k.
+    With the depth at the whole corpus it is the cross-encoder's own ranking of every passage."""
+    from m3jax import CorpusIndex, FlagReranker
+
+    rng = np.random.default_rng(0)
+    texts = mixed(24, seed=11, max_words=20)
+    queries = SENTENCES[:3]
+    index = CorpusIndex(dense=rng.normal(size=(24, 8)).astype(np.float32), doc_ids=[f"p{i}" for i in range(24)],
+                        texts=texts)
+    q = {"dense": rng.normal(size=(3, 8)).astype(np.float32)}
+    reranker = FlagReranker(reranker_dir)
+    every = np.asarray(reranker.compute_score([[query, t] for query in queries for t in texts])).reshape(3, 24)
+    _, first = index.search(q, 6)
+    s, ids = index.search(q, 3, rerank=reranker, rerank_depth=6, query_texts=queries)
+    for i in range(3):
+        pos = [int(x[1:]) for x in first[i]]
+        order = np.argsort(-every[i, pos], kind="stable")[:3]
+        assert ids[i].tolist() == [first[i][j] for j in order]
+        np.testing.assert_allclose(s[i], every[i, pos][order], rtol=0, atol=1e-5)
+    _, ids_all = index.search(q, 5, rerank=reranker, rerank_depth=24, query_texts=queries)
+    for i in range(3):
+        assert ids_all[i].tolist() == [f"p{j}" for j in np.argsort(-every[i], kind="stable")[:5]]
+    with pytest.raises(ValueError, match="query_texts, one per query"):
+        index.search(q, 3, rerank=reranker, query_texts=queries[:2])
+    with pytest.raises(ValueError, match="texts="):
+        CorpusIndex(dense=np.ones((2, 8), np.float32)).search(q, 1, rerank=reranker, query_texts=queries)
+    with pytest.raises(TypeError, match="compute_score"):
+        index.search(q, 3, rerank=object(), query_texts=queries)
