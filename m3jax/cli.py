@@ -120,7 +120,8 @@ def evaluate(args) -> int:
         report = evaluate_beir(args.dataset, args.model, split=args.split, modes=args.modes, weights=args.weights,
                                top_k=args.top_k, rrf_k=args.rrf_k, metrics=args.metrics, output=args.output,
                                batch_size=args.batch_size, query_max_length=args.query_max_length,
-                               passage_max_length=args.passage_max_length, dtype=args.dtype)
+                               passage_max_length=args.passage_max_length, dtype=args.dtype,
+                               rerank=args.rerank, rerank_depth=args.rerank_depth)
     except (DatasetError, SettingsError) as e:
         print(f"m3jax eval: error: {e}", file=sys.stderr)
         return 2
@@ -319,6 +320,10 @@ def _add_eval(sub) -> None:
     v.add_argument("--weights", default="1,0.3,1", help="hybrid's dense,sparse,colbert weights")
     v.add_argument("--top-k", type=int, default=100)
     v.add_argument("--rrf-k", type=float, default=60)
+    v.add_argument("--rerank", default=None, metavar="PATH",
+                   help="a cross-encoder (release directory or hub id of bge-reranker-v2-m3 or its kind): every mode "
+                        "is also reported re-ranked, as <mode>+rerank")
+    v.add_argument("--rerank-depth", type=int, default=100, help="passages per query the cross-encoder re-scores")
     v.add_argument("--metrics", default="ndcg@10,recall@100,mrr@10", help="ranx metric names")
     v.add_argument("--output", help="JSON report path")
     v.add_argument("--batch-size", type=int)

@@ -269,10 +269,11 @@ class CorpusIndex:
     def _reranked(self, rerank: Any, query_texts: Sequence[str], idx: np.ndarray, k: int
                   ) -> tuple[np.ndarray, np.ndarray]:
         """The first stage's candidates idx [Q, depth] re-scored by the cross-encoder; its top k per query."""
-        pairs = [[query_texts[i], self.texts[j]] for i in range(idx.shape[0]) for j in idx[i]]
-        scores = np.asarray(rerank.compute_score(pairs), np.float32).reshape(idx.shape)
-        order = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # ties keep the first stage's order
-        return np.take_along_axis(scores, order, 1), np.take_along_axis(idx, order, 1)
+        from m3jax.reranker import rerank_candidates
+
+        ranked = rerank_candidates(rerank, query_texts, [[self.texts[j] for j in row] for row in idx], k)
+        return (np.stack([s for _, s in ranked]).astype(np.float32),
+                np.stack([row[order] for row, (order, _) in zip(idx, ranked, strict=True)]))
 
     def _needed(self, mode: str, first_stage: str, w: tuple[float, float, float]) -> tuple[str, ...]:
         if mode == "hybrid":

@@ -113,6 +113,7 @@ class FlagReranker:
         from m3jax import checkpoint
         from m3jax.api import default_dtype
 
+        self.model_name_or_path = str(model_name_or_path)
         path = checkpoint.resolve(model_name_or_path, cache_dir=cache_dir)
         self.platform = jax.devices()[0].platform
         self.dtype = default_dtype(self.platform, use_fp16, False)
@@ -164,6 +165,22 @@ class FlagReranker:
             logits = score_step(self.graphdef, self.state, b.input_ids, b.attention_mask)
             out[idx] = np.asarray(logits)[:len(idx)]
         return out
+
+
+def rerank_candidates(reranker: Any, query_texts: Sequence[str], candidates: Sequence[Sequence[str]], k: int
+                      ) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Each query's candidate passages (texts, in first-stage order) re-scored by a cross-encoder in one
+    compute_score call: per query (the positions among its candidates of its top k, their scores), ranked by score,
+    ties in first-stage order. CorpusIndex.search and m3jax eval re-rank through it."""
+    pairs = [[q, t] for q, texts in zip(query_texts, candidates, strict=True) for t in texts]
+    scores = np.asarray(reranker.compute_score(pairs) if pairs else [], np.float32)
+    out, start = [], 0
+    for texts in candidates:
+        s = scores[start:start + len(texts)]
+        start += len(texts)
+        order = np.argsort(-s, kind="stable")[:k]
+        out.append((order, s[order]))
+    return out
 
 
 def pair_ids(queries: list[np.ndarray], passages: list[np.ndarray], max_length: int, cfg: M3Config

@@ -89,3 +89,36 @@ def test_search_reranks_the_first_stage(reranker_dir):
         CorpusIndex(dense=np.ones((2, 8), np.float32)).search(q, 1, rerank=reranker, query_texts=queries)
     with pytest.raises(TypeError, match="compute_score"):
         index.search(q, 3, rerank=object(), query_texts=queries)
+
+
+def test_eval_reports_each_mode_with_and_without_reranking(reranker_dir, tmp_path):
+    """evaluate_beir(rerank=...) / `m3jax eval --rerank`: every mode also as "<mode>+rerank", its top rerank_depth
+    passages in the re-ranker's order (checked against the re-ranker's own scores), the rest of top_k after them."""
+    from m3jax.cli import main
+    from m3jax.config import M3Config
+    from m3jax.evaluate import evaluate_beir
+    from m3jax.evaluate.synthetic import write_synthetic_beir
+    from m3jax.reranker import FlagReranker
+    from m3jax.testing import write_random_release
+
+    synth = write_synthetic_beir(str(tmp_path / "synth"), passages=20)
+    model = write_random_release(tmp_path / "m3", M3Config.tiny(), seed=1)
+    reranker = FlagReranker(reranker_dir)
+    report = evaluate_beir(synth, str(model), modes="dense,rrf", top_k=20, rerank=reranker, rerank_depth=5,
+                           metrics="ndcg@10,recall@20", query_max_length=64, passage_max_length=64)
+    assert list(report.metrics) == ["dense", "rrf", "dense+rerank", "rrf+rerank"]
+    assert report.settings["rerank_depth"] == 5
+    from m3jax.evaluate import load_beir
+
+    ds = load_beir(synth, "test")
+    texts, qtext = dict(zip(ds.corpus_ids, ds.corpus_texts)), dict(zip(ds.query_ids, ds.query_texts))
+    heads = [(mode, q, list(first)) for mode in ("dense", "rrf") for q, first in report.runs[mode].items()]
+    s = np.asarray(reranker.compute_score([[qtext[q], texts[d]] for _, q, first in heads for d in first[:5]]))
+    for n, (mode, q, first) in enumerate(heads):  # one call for every pair: one set of compiled shapes
+        again = list(report.runs[f"{mode}+rerank"][q])
+        assert again[:5] == [first[i] for i in np.argsort(-s[5 * n:5 * n + 5], kind="stable")]
+        assert again[5:] == first[5:]
+    out = tmp_path / "report.json"
+    assert main(["eval", synth, "--model", str(model), "--modes", "dense", "--top-k", "20", "--metrics",
+                 "ndcg@10", "--rerank", str(reranker_dir), "--rerank-depth", "5", "--output", str(out)]) == 0
+    assert set(__import__("json").loads(out.read_text())["metrics"]) == {"dense", "dense+rerank"}

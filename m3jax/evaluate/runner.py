@@ -124,7 +124,7 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
                   passage_max_length: int | None = None, dtype: str | None = None, index_dtype: str | None = None,
                   search_batch_size: int = 16, output: str | os.PathLike | None = None,
                   storage_options: dict | None = None, show_progress: bool | None = None,
-                  corpus_embeddings: Any = None) -> EvalReport:
+                  corpus_embeddings: Any = None, rerank: Any = None, rerank_depth: int = 100) -> EvalReport:
     """Evaluates BGE-M3 retrieval on one split of a BEIR-layout dataset, per mode.
 
     Args:
@@ -144,6 +144,9 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
       output: where to write the JSON report (atomically), if anywhere.
       corpus_embeddings: the corpus already embedded, an EncodeResult [N, ...] in corpus.jsonl's order holding the
         heads the modes need (e.g. read back from a stored embedding run); then only the queries are encoded.
+      rerank: a cross-encoder (m3jax.FlagReranker or anything with its compute_score) or what FlagReranker loads
+        (a release directory or hub id): each mode's run is also re-ranked, its top rerank_depth passages re-scored
+        against the query, and reported as "<mode>+rerank" beside the mode.
     """
     try:
         modes = check_modes(modes)
@@ -151,6 +154,7 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
         metrics = check_metrics(metrics)
         top_k = _check_int("top_k", top_k)
         candidates = _check_int("candidates", candidates)
+        rerank_depth = _check_int("rerank_depth", rerank_depth)
         if first_stage not in FIRST_STAGES:
             raise ValueError(f"first_stage must be one of {FIRST_STAGES}, got {first_stage!r}")
         if isinstance(rrf_k, bool) or not isinstance(rrf_k, int | float) or not 0 <= rrf_k < float("inf"):
@@ -195,6 +199,12 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
     runs = retrieve(index, queries, ds.query_ids, modes=modes, top_k=top_k, weights=weights, rrf_k=rrf_k,
                     candidates=candidates, first_stage=first_stage, ignore_identical_ids=ignore_identical_ids,
                     batch_size=search_batch_size, timings=timings)
+    if rerank is not None:
+        rerank = _reranker(rerank, dtype, timings)
+        for mode in modes:
+            t0 = time.perf_counter()
+            runs[f"{mode}+rerank"] = rerank_run(rerank, runs[mode], ds, depth=rerank_depth, top_k=top_k)
+            timings[f"rerank_{mode}_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
     means, per_query = {}, {}
     for mode, run in runs.items():
@@ -216,6 +226,8 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
         "index_dtype": str(index_dtype) if index_dtype else "float32", "metrics": list(metrics),
         "metric_library": "ranx", "devices": [str(d) for d in index.devices], "versions": _versions(),
         "truncated_passages": int(corpus.truncated.sum()), "truncated_queries": int(queries.truncated.sum()),
+        "rerank": None if rerank is None else str(getattr(rerank, "model_name_or_path", type(rerank).__name__)),
+        "rerank_depth": rerank_depth if rerank is not None else None,
     }
     report = EvalReport(metrics=means, per_query=per_query, runs=runs, dataset=ds.stats(), settings=settings,
                         timings=timings)
@@ -224,4 +236,39 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
     return report
 
 
-__all__ = ["EvalReport", "SettingsError", "evaluate_beir"]
+def _reranker(rerank: Any, dtype: str | None, timings: dict) -> Any:
+    if not isinstance(rerank, str | os.PathLike):
+        if not callable(getattr(rerank, "compute_score", None)):
+            raise SettingsError(f"rerank: expected a re-ranker with compute_score(pairs) or its path, got "
+                                f"{type(rerank).__name__}")
+        return rerank
+    from m3jax.reranker import FlagReranker
+
+    t0 = time.perf_counter()
+    reranker = FlagReranker(rerank, use_fp16=dtype == "bfloat16")
+    timings["load_reranker_s"] = round(time.perf_counter() - t0, 3)
+    return reranker
+
+
+def rerank_run(reranker: Any, run: dict, ds: BeirDataset, *, depth: int, top_k: int) -> dict:
+    """A run with each query's top `depth` passages re-scored by the cross-encoder against the query's text and
+    ranked by those scores (ties in the run's order), the rest of its top_k after them in the run's order (scored
+    below them), so that metrics deeper than the depth stay comparable."""
+    from m3jax.reranker import rerank_candidates
+
+    texts = dict(zip(ds.corpus_ids, ds.corpus_texts, strict=True))
+    query_text = dict(zip(ds.query_ids, ds.query_texts, strict=True))
+    qids = [q for q in ds.query_ids if q in run]
+    ranked_lists = [list(run[q])[:top_k] for q in qids]  # a run keeps its ranking order
+    heads = [r[:depth] for r in ranked_lists]
+    ranked = rerank_candidates(reranker, [query_text[q] for q in qids], [[texts[d] for d in h] for h in heads],
+                               depth)
+    out = {}
+    for q, full, head, (order, scores) in zip(qids, ranked_lists, heads, ranked, strict=True):
+        out[q] = {head[i]: float(s) for i, s in zip(order, scores, strict=True)}
+        low = float(scores.min()) if len(scores) else 0.0
+        out[q].update({d: low - 1.0 - j for j, d in enumerate(full[depth:])})
+    return out
+
+
+__all__ = ["EvalReport", "SettingsError", "evaluate_beir", "rerank_run"]
