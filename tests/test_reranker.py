@@ -111,7 +111,8 @@ def test_eval_reports_each_mode_with_and_without_reranking(reranker_dir, tmp_pat
     from m3jax.evaluate import load_beir
 
     ds = load_beir(synth, "test")
-    texts, qtext = dict(zip(ds.corpus_ids, ds.corpus_texts)), dict(zip(ds.query_ids, ds.query_texts))
+    texts = dict(zip(ds.corpus_ids, ds.corpus_texts, strict=True))
+    qtext = dict(zip(ds.query_ids, ds.query_texts, strict=True))
     heads = [(mode, q, list(first)) for mode in ("dense", "rrf") for q, first in report.runs[mode].items()]
     s = np.asarray(reranker.compute_score([[qtext[q], texts[d]] for _, q, first in heads for d in first[:5]]))
     for n, (mode, q, first) in enumerate(heads):  # one call for every pair: one set of compiled shapes
@@ -122,3 +123,60 @@ def test_eval_reports_each_mode_with_and_without_reranking(reranker_dir, tmp_pat
     assert main(["eval", synth, "--model", str(model), "--modes", "dense", "--top-k", "20", "--metrics",
                  "ndcg@10", "--rerank", str(reranker_dir), "--rerank-depth", "5", "--output", str(out)]) == 0
     assert set(__import__("json").loads(out.read_text())["metrics"]) == {"dense", "dense+rerank"}
+
+
+@pytest.mark.parametrize("teacher", [False, True], ids=["plain", "distilled"])
+def test_training_loss_and_gradients_match_flagembedding(reranker_dir, teacher):
+    """m3jax.train.loss.reranker_loss on RerankerModel's logits == FlagEmbedding's CrossEncoderModel training loss
+    (listwise cross-entropy, positive first, plus the distillation term with teacher scores), and so are the
+    gradients of every parameter, dropout off on both sides (the same padded batch of pairs)."""
+    import jax
+    import torch
+    from FlagEmbedding.finetune.reranker.encoder_only.base.modeling import CrossEncoderModel
+    from flax import nnx
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from m3jax import pipeline
+    from m3jax.reranker import pair_ids, read_reranker
+    from m3jax.tokenizer import Tokenizer
+    from m3jax.train.loss import reranker_loss
+
+    groups, g = 2, 3
+    texts = mixed(groups * g + groups, seed=13, max_words=25)
+    queries, passages = texts[:groups], texts[groups:]
+    cfg, model = read_reranker(reranker_dir)
+    tok = Tokenizer(reranker_dir)
+    qs = tok.encode_plain([queries[i // g] for i in range(groups * g)], 48)
+    ids = pair_ids(qs, tok.encode_plain(passages, 64), 64, cfg)
+    L = max(len(x) for x in ids)
+    b = pipeline.make_batch(ids, np.arange(len(ids)), L, len(ids), cfg.pad_token_id, cfg.bos_token_id,
+                            cfg.eos_token_id)
+    scores = np.random.default_rng(1).normal(size=groups * g).astype(np.float32) if teacher else None
+
+    graphdef, state = nnx.split(model)
+
+    def loss_fn(state):
+        logits = nnx.merge(graphdef, state)(b.input_ids, b.attention_mask)
+        return reranker_loss(logits, g, None if scores is None else jax.numpy.asarray(scores))
+
+    ours, grads = jax.value_and_grad(loss_fn)(state)
+    hf = AutoModelForSequenceClassification.from_pretrained(reranker_dir, hidden_dropout_prob=0.0,
+                                                            attention_probs_dropout_prob=0.0)
+    ref = CrossEncoderModel(hf, tokenizer=AutoTokenizer.from_pretrained(reranker_dir), train_batch_size=groups)
+    ref.train()
+    out = ref({"input_ids": torch.tensor(b.input_ids, dtype=torch.long),
+               "attention_mask": torch.tensor(b.attention_mask, dtype=torch.long)},
+              teacher_scores=None if scores is None else scores.tolist())
+    out.loss.backward()
+    np.testing.assert_allclose(float(ours), float(out.loss.detach()), rtol=0, atol=1e-5)
+    flat = nnx.to_pure_dict(grads)
+    pairs = [(flat["dense"]["kernel"], hf.classifier.dense.weight.grad.T),
+             (flat["out_proj"]["bias"], hf.classifier.out_proj.bias.grad),
+             (flat["embeddings"]["LayerNorm"]["scale"], hf.roberta.embeddings.LayerNorm.weight.grad),
+             (flat["encoder"]["layer"]["attention"]["self"]["query"]["kernel"][1],
+              hf.roberta.encoder.layer[1].attention.self.query.weight.grad.T),
+             (flat["embeddings"]["word_embeddings"]["embedding"], hf.roberta.embeddings.word_embeddings.weight.grad)]
+    for got, want in pairs:
+        want = want.numpy()
+        assert np.abs(want).max() > 0
+        np.testing.assert_allclose(np.asarray(got), want, rtol=1e-4, atol=1e-6 * max(1.0, np.abs(want).max()))

@@ -148,6 +148,18 @@ def kl_div(teacher_targets: jax.Array, student_scores: jax.Array) -> jax.Array:
     return -jnp.mean(jnp.sum(jax.nn.log_softmax(student_scores, axis=-1) * teacher_targets, axis=-1))
 
 
+def reranker_loss(logits: jax.Array, group_size: int, teacher_scores: jax.Array | None = None) -> jax.Array:
+    """FlagEmbedding's encoder-only re-ranker loss (AbsRerankerModel.forward in training): logits [B * G] of B groups,
+    each its positive first and G - 1 negatives; cross-entropy towards the positive, mean over groups, plus with
+    teacher_scores [B * G] (pos_scores, neg_scores) kl_div against their softmax per group."""
+    grouped = logits.reshape(-1, group_size).astype(jnp.float32)
+    loss = cross_entropy(grouped, jnp.zeros(grouped.shape[0], jnp.int32))
+    if teacher_scores is not None:
+        teacher = jax.nn.softmax(jnp.asarray(teacher_scores, jnp.float32).reshape(-1, group_size), axis=-1)
+        loss = loss + kl_div(jax.lax.stop_gradient(teacher), grouped)
+    return loss
+
+
 def m3_kd_loss(teacher_targets: jax.Array, student_scores: jax.Array, group_size: int) -> jax.Array:
     """distill_loss('m3_kd_loss'): Σ_i mean_r t[r, i] · CE(s_r + mask, r·G + i), where after step i the column
     r·G + i of row r is pushed to float32's min (a listwise, Plackett-Luce-like target over the group).
