@@ -208,6 +208,71 @@ def preflight(args) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def mine(args) -> int:
+    from m3jax.train.datatools import mine_hard_negatives
+
+    try:
+        start, end = (int(x) for x in args.range_for_sampling.split("-"))
+        stats = mine_hard_negatives(args.model, args.input_file, args.output_file, candidate_pool=args.candidate_pool,
+                                    range_for_sampling=(start, end), negative_number=args.negative_number,
+                                    seed=args.seed, batch_size=args.batch_size,
+                                    query_max_length=args.query_max_length,
+                                    passage_max_length=args.passage_max_length)
+    except ValueError as e:  # DataError included
+        print(f"m3jax mine: error: {e}", file=sys.stderr)
+        return 2
+    print(f"m3jax mine: {stats['rows']} rows, a pool of {stats['pool']} passages, {stats['filled_at_random']} "
+          f"filled up at random; written: {args.output_file}")
+    return 0
+
+
+def score(args) -> int:
+    from m3jax.train.datatools import add_teacher_scores
+
+    try:
+        weights = tuple(float(x) for x in args.weights.split(","))
+        if len(weights) != 3:
+            raise ValueError(f"--weights takes dense,sparse,colbert, got {args.weights!r}")
+        stats = add_teacher_scores(args.input_file, args.output_file, reranker=args.reranker,
+                                   model=None if args.reranker else args.model, weights=weights,
+                                   max_length=args.max_length, batch_size=args.batch_size)
+    except ValueError as e:
+        print(f"m3jax score: error: {e}", file=sys.stderr)
+        return 2
+    print(f"m3jax score: {stats['rows']} rows, {stats['pairs']} pairs scored by the {stats['teacher']}; "
+          f"written: {args.output_file}")
+    return 0
+
+
+def _add_mine(sub) -> None:
+    m = sub.add_parser("mine", help="hard negatives for fine-tuning data (FlagEmbedding's hn_mine.py) from m3jax's "
+                                    "own dense search")
+    m.add_argument("input_file", help="JSON lines {query, pos[, neg]} (a file, directory or URL)")
+    m.add_argument("output_file", help="the same rows with 'neg' mined (written when complete)")
+    m.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
+    m.add_argument("--candidate-pool", default=None, help="JSON lines {text}; default: every pos and neg of the input")
+    m.add_argument("--range-for-sampling", default="2-200", help="ranks start-end to draw from (hn_mine's)")
+    m.add_argument("--negative-number", type=int, default=15)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--query-max-length", type=int, default=512)
+    m.add_argument("--passage-max-length", type=int, default=512)
+    m.set_defaults(func=mine)
+
+
+def _add_score(sub) -> None:
+    s = sub.add_parser("score", help="teacher scores (pos_scores, neg_scores) for fine-tuning data, from a re-ranker "
+                                     "or BGE-M3's hybrid score (FlagEmbedding's add_reranker_score.py)")
+    s.add_argument("input_file", help="JSON lines {query, pos, neg}")
+    s.add_argument("output_file", help="the same rows with pos_scores and neg_scores (written when complete)")
+    s.add_argument("--reranker", default=None, help="a cross-encoder's release directory or hub id")
+    s.add_argument("--model", default="BAAI/bge-m3", help="without --reranker: BGE-M3's weighted hybrid score")
+    s.add_argument("--weights", default="0.4,0.2,0.4", help="dense,sparse,colbert weights of the hybrid score")
+    s.add_argument("--max-length", type=int, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.set_defaults(func=score)
+
+
 def _ints(text: str | None) -> list[int] | None:
     return None if not text else [int(x) for x in text.split(",")]
 
@@ -253,7 +318,8 @@ def _bool(text: str) -> bool:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="m3jax", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
-    for add in (_add_demo, _add_convert, _add_export, _add_bench, _add_eval, _add_embed, _add_train, _add_preflight):
+    for add in (_add_demo, _add_convert, _add_export, _add_bench, _add_eval, _add_embed, _add_train, _add_mine,
+                _add_score, _add_preflight):
         add(sub)
     return p
 
