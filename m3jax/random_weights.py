@@ -59,3 +59,20 @@ def random_m3jax_dir(size: str = "bge-m3") -> Path:
     tok.mkdir(parents=True, exist_ok=True)
     write_tokenizer(tok)
     return checkpoint.save_m3jax(dst, cfg, params, tok, overwrite=True, metadata={"random_weights": True})
+
+
+def random_reranker(size: str = "bge-m3", **kwargs):
+    """An m3jax.FlagReranker of random weights (the cross-encoder's architecture: "bge-m3" for bge-reranker-v2-m3's,
+    or "tiny") with the real XLM-R tokenizer: the offline stand-in for BAAI/bge-reranker-v2-m3. kwargs go to
+    FlagReranker."""
+    from flax import nnx
+
+    from m3jax.reranker import FlagReranker, RerankerModel
+
+    if size not in ("bge-m3", "tiny"):
+        raise ValueError(f"size must be 'bge-m3' or 'tiny', got {size!r}")
+    cfg = M3Config.bge_m3() if size == "bge-m3" else M3Config.tiny()
+    tok = cache_root() / "xlmr-tokenizer"
+    tok.mkdir(parents=True, exist_ok=True)
+    write_tokenizer(tok)
+    return FlagReranker(tok, model=RerankerModel(cfg, rngs=nnx.Rngs(1)), **kwargs)

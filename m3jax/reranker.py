@@ -101,7 +101,8 @@ class FlagReranker:
     compute_score(pairs) takes one [query, passage] pair or a list of them and returns a list of float scores (raw
     logits; with normalize, their sigmoid). use_fp16 computes in bfloat16 (on CPU only with bfloat16 instructions,
     as m3jax.BGEM3). trust_remote_code and devices are accepted for compatibility; the model runs on JAX's default
-    device.
+    device. `model`: a RerankerModel to use instead of reading model_name_or_path's weights (its tokenizer is still
+    read from there), e.g. m3jax.random_weights.random_reranker's.
     """
 
     def __init__(self, model_name_or_path: str | os.PathLike, use_fp16: bool = False,
@@ -109,15 +110,18 @@ class FlagReranker:
                  passage_instruction_for_rerank: str | None = None, passage_instruction_format: str = "{}{}",
                  trust_remote_code: bool = False, cache_dir: str | None = None, devices: Any = None,
                  batch_size: int = 128, query_max_length: int | None = None, max_length: int = 512,
-                 normalize: bool = False, **kwargs: Any):
+                 normalize: bool = False, model: RerankerModel | None = None, **kwargs: Any):
         from m3jax import checkpoint
         from m3jax.api import default_dtype
 
         self.model_name_or_path = str(model_name_or_path)
-        path = checkpoint.resolve(model_name_or_path, cache_dir=cache_dir)
+        path = Path(model_name_or_path) if model is not None else checkpoint.resolve(model_name_or_path,
+                                                                                      cache_dir=cache_dir)
         self.platform = jax.devices()[0].platform
         self.dtype = default_dtype(self.platform, use_fp16, False)
-        self.config, model = read_reranker(path, dtype=self.dtype)
+        if model is None:
+            self.config, model = read_reranker(path, dtype=self.dtype)
+        self.config = model.config
         self.graphdef, self.state = nnx.split(model)
         self.tokenizer = Tokenizer(path)
         self.query_instruction_for_rerank, self.query_instruction_format = (query_instruction_for_rerank,

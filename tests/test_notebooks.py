@@ -137,6 +137,37 @@ def test_finetune_notebook_runs(tmp_path, monkeypatch):
     assert fe.encode(["a query"], return_dense=True)["dense_vecs"].shape == (1, fe.model.model.config.hidden_size)
 
 
+def test_rerank_distill_notebook_runs(tmp_path, monkeypatch):
+    """The retrieval loop on tiny random models: embed a pool, mine negatives, score them with the re-ranker,
+    fine-tune with distillation, evaluate each mode with and without re-ranking, plot the stages."""
+    import json
+
+    monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
+    monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("MPLBACKEND", "Agg")
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    nb = nbformat.read(ROOT / "colab" / "rerank_distill.ipynb", as_version=4)
+    assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
+    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
+    assert not errors
+    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    assert "m3jax is already installed: not installing" in text and "RANDOM WEIGHTS of the tiny architecture" in text
+    read = lambda name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]  # noqa: E731
+    pool = {json.loads(x)["text"] for x in (tmp_path / "pool.jsonl").read_text().splitlines()}
+    mined, scored = read("mined.jsonl"), read("scored.jsonl")
+    assert len(mined) == len(scored) == 160 and "embedded " in text
+    assert all(len(r["neg"]) == 7 and set(r["neg"]) <= pool and not set(r["neg"]) & set(r["pos"]) for r in mined)
+    assert all(len(r["pos_scores"]) == 1 and len(r["neg_scores"]) == 7 for r in scored)
+    assert "40 steps; final model:" in text
+    for name in ("eval-before.json", "eval-after.json"):
+        saved = json.loads((tmp_path / name).read_text())
+        assert list(saved["metrics"]) == ["dense", "hybrid", "dense+rerank", "hybrid+rerank"]
+        assert saved["settings"]["rerank_depth"] == 20
+    assert (tmp_path / "stages.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def source_url() -> str:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["urls"]["Source"]
 
@@ -153,7 +184,7 @@ def test_notebooks_install_from_the_project_source_only():
     """Every notebook's first code cell installs from pyproject.toml's [project.urls] Source, never by a bare
     package name (someone else could register it on PyPI), and so do the README's install lines."""
     url = source_url()
-    assert url.startswith("https://") and len(NOTEBOOKS) == 4
+    assert url.startswith("https://") and len(NOTEBOOKS) == 5
     for name in NOTEBOOKS:
         cell = install_cell(name)
         assert re.findall(r'^M3JAX_SOURCE = "(.*)"$', cell, re.M) == [url], name
