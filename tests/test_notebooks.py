@@ -12,35 +12,34 @@ from nbclient import NotebookClient
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_quickstart_notebook_runs(tmp_path, monkeypatch):
-    monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
-    monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "colab" / "quickstart.ipynb", as_version=4)
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
-    assert "RANDOM WEIGHTS of the tiny architecture" in text
-    for line in ("dense", "lexical", "colbert", "hybrid", "colbert+sparse+dense"):
-        assert line in text
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-
-
-def test_evaluate_notebook_runs(tmp_path, monkeypatch):
-    import json
-
+def execute(name: str, tmp_path: Path, monkeypatch, timeout: int = 600) -> tuple:
+    """Runs colab/<name>.ipynb top to bottom in tmp_path on the tiny random model, offline; asserts that no cell
+    raised. Returns (the executed notebook, every code cell's text output joined)."""
     monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
     monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("MPLBACKEND", "Agg")
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "colab" / "evaluate.ipynb", as_version=4)
-    assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    nb = nbformat.read(ROOT / "colab" / f"{name}.ipynb", as_version=4)
+    NotebookClient(nb, timeout=timeout, kernel_name="python3",
+                   resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
     assert not errors
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+    return nb, "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
+
+
+def test_quickstart_notebook_runs(tmp_path, monkeypatch):
+    nb, text = execute("quickstart", tmp_path, monkeypatch)
+    assert "RANDOM WEIGHTS of the tiny architecture" in text
+    for line in ("dense", "lexical", "colbert", "hybrid", "colbert+sparse+dense"):
+        assert line in text
+
+
+def test_evaluate_notebook_runs(tmp_path, monkeypatch):
+    import json
+
+    nb, text = execute("evaluate", tmp_path, monkeypatch)
+    assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
     assert "m3jax is already installed: not installing" in text and "runtime: " in text
     assert "RANDOM WEIGHTS of the tiny architecture" in text
     saved = json.loads((tmp_path / "eval-results.json").read_text())
@@ -59,16 +58,8 @@ def test_embed_notebook_runs(tmp_path, monkeypatch):
 
     from m3jax.embed import EmbeddingReader
 
-    monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
-    monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "colab" / "embed.ipynb", as_version=4)
+    nb, text = execute("embed", tmp_path, monkeypatch)
     assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
-    NotebookClient(nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "m3jax is already installed: not installing" in text and "runtime: " in text
     assert "RANDOM WEIGHTS of the tiny architecture" in text
     # The job's output, read back here: one row per corpus line, in input order, under the corpus ids.
@@ -114,17 +105,8 @@ def test_finetune_notebook_runs(tmp_path, monkeypatch):
 
     from FlagEmbedding import BGEM3FlagModel
 
-    monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
-    monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "colab" / "finetune.ipynb", as_version=4)
+    nb, text = execute("finetune", tmp_path, monkeypatch, timeout=900)
     assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "m3jax is already installed: not installing" in text and "RANDOM WEIGHTS of the tiny architecture" in text
     log = [json.loads(line) for line in (tmp_path / "run" / "train_log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 121)) and "120 steps; final model:" in text
@@ -142,17 +124,8 @@ def test_rerank_distill_notebook_runs(tmp_path, monkeypatch):
     fine-tune with distillation, evaluate each mode with and without re-ranking, plot the stages."""
     import json
 
-    monkeypatch.setenv("M3JAX_NOTEBOOK_SIZE", "tiny")
-    monkeypatch.setenv("M3JAX_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("MPLBACKEND", "Agg")
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
-    nb = nbformat.read(ROOT / "colab" / "rerank_distill.ipynb", as_version=4)
+    nb, text = execute("rerank_distill", tmp_path, monkeypatch, timeout=900)
     assert "colab.research.google.com/assets/colab-badge.svg" in nb.cells[0].source
-    NotebookClient(nb, timeout=900, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
-    errors = [o for c in nb.cells for o in c.get("outputs", []) if o.get("output_type") == "error"]
-    assert not errors
-    text = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "m3jax is already installed: not installing" in text and "RANDOM WEIGHTS of the tiny architecture" in text
     read = lambda name: [json.loads(x) for x in (tmp_path / name).read_text().splitlines()]  # noqa: E731
     pool = {json.loads(x)["text"] for x in (tmp_path / "pool.jsonl").read_text().splitlines()}
