@@ -117,18 +117,24 @@ def read_lines(files: Iterable[str]) -> Iterator[tuple[str, int, str]]:
                     yield f, i, line
 
 
-def parse_row(source: str, line: int, raw: str, cfg: DataConfig) -> dict:
-    """One JSON line -> a checked row {query, pos, neg[, pos_scores, neg_scores][, prompt]}; DataError otherwise."""
-    where = f"{source}:{line}"
-    row = parse_json_object(raw, where, DataError)
+def check_texts(row: dict, where: str, *, neg_required: bool = True) -> None:
+    """A row's texts: 'query' a string, 'pos' a non-empty list of strings, 'neg' a list of strings (with
+    neg_required=False it may be absent, as in data whose negatives are still to be mined); DataError otherwise."""
     if not isinstance(row.get("query"), str):
         raise DataError(f"{where}: 'query' must be a string, got {_kind(row.get('query'))}")
-    for key in ("pos", "neg"):
+    for key in ("pos", "neg") if neg_required or "neg" in row else ("pos",):
         v = row.get(key)
         if not isinstance(v, list) or not all(isinstance(t, str) for t in v):
             raise DataError(f"{where}: {key!r} must be a list of strings, got {_kind(v)}")
     if not row["pos"]:
         raise DataError(f"{where}: 'pos' is empty; every query needs a positive passage")
+
+
+def parse_row(source: str, line: int, raw: str, cfg: DataConfig) -> dict:
+    """One JSON line -> a checked row {query, pos, neg[, pos_scores, neg_scores][, prompt]}; DataError otherwise."""
+    where = f"{source}:{line}"
+    row = parse_json_object(raw, where, DataError)
+    check_texts(row, where)
     if not row["neg"] and cfg.train_group_size > 1:
         raise DataError(f"{where}: 'neg' is empty but train_group_size={cfg.train_group_size} needs "
                         f"{cfg.train_group_size - 1} negative(s)")

@@ -21,23 +21,17 @@ from pathlib import Path
 from typing import Any
 
 from m3jax._io import parse_json_object
-from m3jax.train.data import DataError, list_files, read_lines
+from m3jax.train.data import DataError, check_texts, list_files, read_lines
 
 
 def read_rows(sources: str | Sequence[str]) -> list[dict]:
-    """The input's rows; a row without a string 'query' and a list of string 'pos' is an error naming file and line."""
+    """The input's rows, their texts checked as the training data's are ('neg' may be absent); a bad row is an error
+    naming file and line."""
     rows = []
     for source, line, raw in read_lines(list_files(sources)):
         where = f"{source}:{line}"
         row = parse_json_object(raw, where, DataError)
-        if not isinstance(row.get("query"), str):
-            raise DataError(f"{where}: 'query' must be a string, got {type(row.get('query')).__name__}")
-        for field in ("pos", "neg"):
-            v = row.get(field, [])
-            if not (isinstance(v, list) and all(isinstance(t, str) for t in v)):
-                raise DataError(f"{where}: '{field}' must be a list of strings")
-        if not row.get("pos"):
-            raise DataError(f"{where}: 'pos' is empty")
+        check_texts(row, where, neg_required=False)
         rows.append(row)
     return rows
 
