@@ -130,31 +130,53 @@ def evaluate(args) -> int:
     return 0
 
 
+# `m3jax train`'s flags that set BGE-M3's LossConfig (same names), and each task's instruction flags.
+_M3_LOSS_FLAGS = ("temperature", "unified_finetuning", "use_self_distill", "self_distill_start_step", "kd_loss_type",
+                  "negatives_cross_device", "sentence_pooling_method", "normalize_embeddings", "fix_encoder",
+                  "fix_position_embedding")
+_INSTRUCTIONS = {False: ("query_instruction_for_retrieval", "passage_instruction_for_retrieval"),
+                 True: ("query_instruction_for_rerank", "passage_instruction_for_rerank")}
+
+
 def train(args) -> int:
-    from m3jax.train import DataConfig, DataError, LossConfig, TrainConfig, TrainError, fit
+    from m3jax.train import (
+        DataConfig,
+        DataError,
+        LossConfig,
+        RerankerDataConfig,
+        RerankerTrainConfig,
+        TrainConfig,
+        TrainError,
+        fit,
+    )
+
+    def flag(name: str) -> str:
+        return "--" + name.replace("_", "-")
 
     try:
-        cfg = TrainConfig(
-            data=DataConfig(train_group_size=args.train_group_size, query_max_len=args.query_max_len,
-                            passage_max_len=args.passage_max_len, knowledge_distillation=args.knowledge_distillation,
-                            query_instruction_for_retrieval=args.query_instruction_for_retrieval,
-                            query_instruction_format=args.query_instruction_format,
-                            passage_instruction_for_retrieval=args.passage_instruction_for_retrieval,
-                            passage_instruction_format=args.passage_instruction_format,
-                            shuffle_ratio=args.shuffle_ratio),
-            loss=LossConfig(temperature=args.temperature, unified_finetuning=args.unified_finetuning,
-                            use_self_distill=args.use_self_distill,
-                            self_distill_start_step=args.self_distill_start_step,
-                            kd_loss_type=args.kd_loss_type, negatives_cross_device=args.negatives_cross_device,
-                            sentence_pooling_method=args.sentence_pooling_method,
-                            normalize_embeddings=args.normalize_embeddings, fix_encoder=args.fix_encoder,
-                            fix_position_embedding=args.fix_position_embedding),
-            per_device_batch_size=args.per_device_batch_size,
-            gradient_accumulation_steps=args.gradient_accumulation_steps, num_train_epochs=args.num_train_epochs,
-            max_steps=args.max_steps, learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio,
-            warmup_steps=args.warmup_steps, weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm,
-            bf16=args.bf16, remat=args.remat, fsdp=args.fsdp, dropout=not args.no_dropout, seed=args.seed,
-            save_steps=args.save_steps, save_total_limit=args.save_total_limit, quiet=args.quiet)
+        foreign = [flag(k) for k in _INSTRUCTIONS[not args.reranker] if getattr(args, k) is not None]
+        if args.reranker:
+            foreign += [flag(k) for k in _M3_LOSS_FLAGS if getattr(args, k) != getattr(LossConfig(), k)]
+        if foreign:
+            raise TrainError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} for "
+                             f"{'BGE-M3, not a re-ranker' if args.reranker else 're-rankers (with --reranker)'}")
+        data = dict(train_group_size=args.train_group_size, query_max_len=args.query_max_len,
+                    passage_max_len=args.passage_max_len, knowledge_distillation=args.knowledge_distillation,
+                    query_instruction_format=args.query_instruction_format,
+                    passage_instruction_format=args.passage_instruction_format, shuffle_ratio=args.shuffle_ratio,
+                    **{k: getattr(args, k) for k in _INSTRUCTIONS[args.reranker]})
+        run = dict(per_device_batch_size=args.per_device_batch_size,
+                   gradient_accumulation_steps=args.gradient_accumulation_steps,
+                   num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
+                   learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
+                   weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, bf16=args.bf16,
+                   remat=args.remat, fsdp=args.fsdp, dropout=not args.no_dropout, seed=args.seed,
+                   save_steps=args.save_steps, save_total_limit=args.save_total_limit, quiet=args.quiet)
+        if args.reranker:
+            cfg = RerankerTrainConfig(data=RerankerDataConfig(**data), **run)
+        else:
+            cfg = TrainConfig(data=DataConfig(**data), loss=LossConfig(**{k: getattr(args, k) for k in _M3_LOSS_FLAGS}),
+                              **run)
         result = fit(args.model, args.data, args.output, cfg, until_step=args.until_step,
                      coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
     except (TrainError, DataError, ValueError) as e:
@@ -445,11 +467,17 @@ def _add_embed(sub) -> None:
 
 
 def _add_train(sub) -> None:
-    t = sub.add_parser("train", help="fine-tune on FlagEmbedding-format JSON lines (M3 unified fine-tuning, "
-                                     "self-distillation); resumable, multi-host")
+    t = sub.add_parser("train", help="fine-tune BGE-M3 (M3 unified fine-tuning, self-distillation) or, with "
+                                     "--reranker, a cross-encoder on FlagEmbedding-format JSON lines; resumable, "
+                                     "multi-host")
     t.add_argument("data", nargs="+", help="JSON-lines files, directories of them, or fsspec URLs: {query, pos, "
-                                           "neg[, pos_scores, neg_scores][, prompt]} per line")
-    t.add_argument("--model", required=True, help="m3jax or release directory, or hub id")
+                                           "neg[, pos_scores, neg_scores][, prompt]} per line (a re-ranker's: "
+                                           "[, query_prompt, passage_prompt])")
+    t.add_argument("--model", required=True, help="m3jax or release directory, or hub id (--reranker: a "
+                                                  "release-layout re-ranker)")
+    t.add_argument("--reranker", action="store_true",
+                   help="fine-tune a cross-encoder re-ranker (bge-reranker-v2-m3's kind) as FlagEmbedding's "
+                        "encoder-only re-ranker runner does; final/ is in its release layout")
     t.add_argument("--output", required=True, help="output directory: checkpoints, train_log.jsonl, final/; "
                                                    "rerun to resume")
     # FlagEmbedding's M3 runner's flags (same names with dashes, same defaults); boolean ones take an optional
@@ -462,6 +490,8 @@ def _add_train(sub) -> None:
     t.add_argument("--query-instruction-format", default="{}{}")
     t.add_argument("--passage-instruction-for-retrieval", default=None)
     t.add_argument("--passage-instruction-format", default="{}{}")
+    t.add_argument("--query-instruction-for-rerank", default=None, help="--reranker")
+    t.add_argument("--passage-instruction-for-rerank", default=None, help="--reranker")
     t.add_argument("--shuffle-ratio", type=float, default=0.0)
     t.add_argument("--learning-rate", type=float, default=5e-5)
     t.add_argument("--warmup-ratio", type=float, default=0.0)

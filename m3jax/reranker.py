@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from m3jax import pipeline
+from m3jax.attention import dropout
 from m3jax.config import M3Config
 from m3jax.model import Embeddings, TransformerStack, _linear, project, resolve_dtype
 from m3jax.tokenizer import Tokenizer
@@ -36,7 +37,9 @@ CLASSIFIER = {"classifier.dense.weight": ("dense", "kernel"), "classifier.dense.
 
 
 class RerankerModel(nnx.Module):
-    """XLM-RoBERTa and RobertaClassificationHead: score = out_proj(tanh(dense(h[<s>]))), one logit per row."""
+    """XLM-RoBERTa and RobertaClassificationHead: score = out_proj(tanh(dense(h[<s>]))), one logit per row. In
+    training (a dropout key), the head drops its input and dense's output at the hidden rate, as the head does with
+    classifier_dropout unset (the release's)."""
 
     def __init__(self, cfg: M3Config, *, dtype: Any = "float32", rngs: nnx.Rngs | None = None):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
@@ -48,10 +51,13 @@ class RerankerModel(nnx.Module):
         self.out_proj = _linear(cfg.hidden_size, 1, dtype, rngs)
 
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array, *, attn_impl: str = "auto",
-                 projections: str = "xla") -> jax.Array:
-        h = self.encoder(self.embeddings(input_ids), attention_mask.astype(bool), attn_impl, None, projections)
-        x = jnp.tanh(project(self.dense, h[:, 0].astype(self.dtype)))
-        return project(self.out_proj, x)[:, 0].astype(jnp.float32)
+                 projections: str = "xla", dropout_rng: jax.Array | None = None) -> jax.Array:
+        """[B] float32 logits; dropout_rng: a key turns on dropout at the config's rates (training)."""
+        r = [None] * 4 if dropout_rng is None else list(jax.random.split(dropout_rng, 4))
+        h = self.encoder(self.embeddings(input_ids, r[0]), attention_mask.astype(bool), attn_impl, r[1], projections)
+        rate = self.config.hidden_dropout_prob
+        x = jnp.tanh(project(self.dense, dropout(h[:, 0], rate, r[2]).astype(self.dtype)))
+        return project(self.out_proj, dropout(x, rate, r[3]))[:, 0].astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "attn_impl"))
@@ -85,6 +91,32 @@ def read_reranker(src: str | os.PathLike, *, dtype: Any = "float32") -> tuple[M3
     for key, (layer, leaf) in CLASSIFIER.items():
         params.setdefault(layer, {})[leaf] = head[key].T if leaf == "kernel" else head[key]
     return cfg, reranker_from_params(cfg, params, dtype=dtype)
+
+
+def export_reranker(dst: str | os.PathLike, cfg: M3Config, params: Any, tokenizer_dir: str | os.PathLike, *,
+                    overwrite: bool = False, metadata: dict | None = None) -> Path:
+    """Writes a re-ranker's parameters in the release layout read_reranker and FlagEmbedding's FlagReranker load
+    (XLMRobertaForSequenceClassification, one label, float32 model.safetensors), atomically; metadata, if given,
+    as training_metadata.json beside them."""
+    from safetensors.numpy import save_file
+
+    from m3jax import checkpoint, weights
+    from m3jax._io import atomic_dir
+
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), dict(params))
+    tensors = {weights.PREFIX + k: v for k, v in weights.params_to_torch(params, cfg, heads=False).items()}
+    for key, (layer, leaf) in CLASSIFIER.items():
+        arr = params[layer][leaf]
+        tensors[key] = np.ascontiguousarray(arr.T if leaf == "kernel" else arr)
+    hf = {**cfg.to_hf_config(), "architectures": ["XLMRobertaForSequenceClassification"],
+          "id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    with atomic_dir(dst, overwrite, checkpoint.CheckpointError) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        checkpoint._copy_tokenizer(tokenizer_dir, tmp)
+        if metadata is not None:
+            (tmp / "training_metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
+    return Path(dst)
 
 
 def reranker_from_params(cfg: M3Config, params: Any, *, dtype: Any = "float32") -> RerankerModel:

@@ -159,11 +159,14 @@ def torch_to_params(files: Mapping[str, Mapping[str, np.ndarray]], cfg: M3Config
     return unflatten(flat)
 
 
-def params_to_torch(params: Mapping, cfg: M3Config) -> dict[str, np.ndarray]:
-    """The reverse: m3jax's nested parameter dict -> flat {torch key: float32 array}, encoder and heads."""
+def params_to_torch(params: Mapping, cfg: M3Config, *, heads: bool = True) -> dict[str, np.ndarray]:
+    """The reverse: m3jax's nested parameter dict -> flat {torch key: float32 array}, encoder and heads
+    (heads=False: the encoder's only; other parameters in `params` are not looked at)."""
     flat = flatten(params)
     out = {}
     for key, slot in slots(cfg).items():
+        if not heads and key in HEAD_KEYS:
+            continue
         arr = np.asarray(flat[slot.path], dtype=np.float32)
         if slot.layer is not None:
             arr = arr[slot.layer]

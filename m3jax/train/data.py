@@ -32,7 +32,7 @@ import dataclasses
 import logging
 import math
 import random
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,8 @@ from m3jax.pipeline import LENGTH_BUCKETS
 logger = logging.getLogger("m3jax")
 SUFFIXES = (".json", ".jsonl")
 _COMPRESSED = (".gz", ".bz2", ".xz", ".zst")
+# Per-row instructions: the embedder's query "prompt"; the re-ranker's "query_prompt" and "passage_prompt".
+PROMPT_KEYS = ("prompt", "query_prompt", "passage_prompt")
 
 
 class DataError(ValueError):
@@ -50,21 +52,24 @@ class DataError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """AbsEmbedderDataArguments' fields that shape an example (same names and defaults)."""
+class GroupConfig:
+    """The fields FlagEmbedding's embedder and re-ranker data arguments share (same names and defaults): how a
+    training group is drawn and how long its texts may be. DataConfig and RerankerDataConfig add their
+    instructions."""
 
     train_group_size: int = 8
     query_max_len: int = 32
     passage_max_len: int = 128
     knowledge_distillation: bool = False
-    query_instruction_for_retrieval: str | None = None
     query_instruction_format: str = "{}{}"
-    passage_instruction_for_retrieval: str | None = None
     passage_instruction_format: str = "{}{}"
     shuffle_ratio: float = 0.0
+    # The row keys whose string overrides the configured query / passage instruction (None: no such key).
+    QUERY_PROMPT_KEY = "prompt"
+    PASSAGE_PROMPT_KEY = None
 
     def __post_init__(self):
-        # As AbsEmbedderDataArguments.__post_init__: a literal "\n" typed on a command line means a newline.
+        # As the reference's __post_init__: a literal "\n" typed on a command line means a newline.
         for name in ("query_instruction_format", "passage_instruction_format"):
             object.__setattr__(self, name, getattr(self, name).replace("\\n", "\n"))
         if self.train_group_size < 1:
@@ -74,6 +79,60 @@ class DataConfig:
                 raise ValueError(f"{name} must be >= 2 (<s> and </s>), got {getattr(self, name)}")
         if not 0.0 <= self.shuffle_ratio <= 1.0:
             raise ValueError(f"shuffle_ratio must be in [0, 1], got {self.shuffle_ratio}")
+
+    def instructions(self) -> tuple[str | None, str | None]:
+        """The configured (query, passage) instructions."""
+        raise NotImplementedError
+
+    def instruct(self, row: dict, query: str, passages: list[str]) -> tuple[str, list[str]]:
+        """The query and passages with the instructions applied as the reference applies them: only when one is
+        configured, and then the row's own prompt (QUERY_PROMPT_KEY, PASSAGE_PROMPT_KEY) in its place if it has
+        one."""
+        q, p = self.instructions()
+        if q is not None:
+            query = self.query_instruction_format.format(row.get(self.QUERY_PROMPT_KEY, q), query)
+        if p is not None:
+            p = row.get(self.PASSAGE_PROMPT_KEY, p) if self.PASSAGE_PROMPT_KEY else p
+            passages = [self.passage_instruction_format.format(p, t) for t in passages]
+        return query, passages
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig(GroupConfig):
+    """AbsEmbedderDataArguments' fields that shape an example (same names and defaults)."""
+
+    query_instruction_for_retrieval: str | None = None
+    passage_instruction_for_retrieval: str | None = None
+
+    def instructions(self) -> tuple[str | None, str | None]:
+        return self.query_instruction_for_retrieval, self.passage_instruction_for_retrieval
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankerDataConfig(GroupConfig):
+    """AbsRerankerDataArguments' fields that shape a cross-encoder's example (same names and defaults). A pair is
+    the query cut to query_max_len + passage_max_len // 4 tokens and the passage to passage_max_len +
+    query_max_len // 2, then joined and the passage cut so the pair fits max_len = query_max_len + passage_max_len,
+    as AbsRerankerTrainDataset.create_one_example does (the reference's own max_len argument is unused there).
+    Rows may carry "query_prompt" / "passage_prompt" in place of the configured instructions; "prompt" is the LLM
+    re-rankers' and is not used."""
+
+    query_instruction_for_rerank: str | None = None
+    passage_instruction_for_rerank: str | None = None
+    QUERY_PROMPT_KEY = "query_prompt"
+    PASSAGE_PROMPT_KEY = "passage_prompt"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.passage_max_len < 6:  # below that a full-length query leaves no room for any passage token
+            raise ValueError(f"passage_max_len must be >= 6 for a re-ranker, got {self.passage_max_len}")
+
+    @property
+    def max_len(self) -> int:
+        return self.query_max_len + self.passage_max_len
+
+    def instructions(self) -> tuple[str | None, str | None]:
+        return self.query_instruction_for_rerank, self.passage_instruction_for_rerank
 
 
 # ----------------------------------------------------------------------------------------------------- reading
@@ -130,19 +189,21 @@ def check_texts(row: dict, where: str, *, neg_required: bool = True) -> None:
         raise DataError(f"{where}: 'pos' is empty; every query needs a positive passage")
 
 
-def parse_row(source: str, line: int, raw: str, cfg: DataConfig) -> dict:
-    """One JSON line -> a checked row {query, pos, neg[, pos_scores, neg_scores][, prompt]}; DataError otherwise."""
+def parse_row(source: str, line: int, raw: str, cfg: GroupConfig) -> dict:
+    """One JSON line -> a checked row {query, pos, neg[, pos_scores, neg_scores][, PROMPT_KEYS]}; DataError
+    otherwise."""
     where = f"{source}:{line}"
     row = parse_json_object(raw, where, DataError)
     check_texts(row, where)
     if not row["neg"] and cfg.train_group_size > 1:
         raise DataError(f"{where}: 'neg' is empty but train_group_size={cfg.train_group_size} needs "
                         f"{cfg.train_group_size - 1} negative(s)")
-    if row.get("prompt") is not None and not isinstance(row["prompt"], str):
-        raise DataError(f"{where}: 'prompt' must be a string, got {_kind(row['prompt'])}")
     out = {"query": row["query"], "pos": row["pos"], "neg": row["neg"]}
-    if row.get("prompt") is not None:
-        out["prompt"] = row["prompt"]
+    for key in PROMPT_KEYS:
+        if row.get(key) is not None:
+            if not isinstance(row[key], str):
+                raise DataError(f"{where}: {key!r} must be a string, got {_kind(row[key])}")
+            out[key] = row[key]
     if cfg.knowledge_distillation:
         for key, texts in (("pos_scores", "pos"), ("neg_scores", "neg")):
             v = row.get(key)
@@ -177,13 +238,11 @@ def shuffle_text(text: str, rng: random.Random, ratio: float) -> str:
     return text
 
 
-def sample_group(row: dict, rng: random.Random, cfg: DataConfig) -> tuple[str, list[str], list[float] | None]:
-    """AbsEmbedderTrainDataset.__getitem__ on one checked row: (query, G passages positive first, G teacher scores
-    or None), making the same calls on rng as the reference makes on the `random` module."""
+def sample_group(row: dict, rng: random.Random, cfg: GroupConfig) -> tuple[str, list[str], list[float] | None]:
+    """AbsEmbedderTrainDataset.__getitem__ (and AbsRerankerTrainDataset's, which draws alike) on one checked row:
+    (query, G passages positive first, G teacher scores or None), making the same calls on rng as the reference
+    makes on the `random` module."""
     G = cfg.train_group_size
-    query = row["query"]
-    if cfg.query_instruction_for_retrieval is not None:
-        query = cfg.query_instruction_format.format(row.get("prompt", cfg.query_instruction_for_retrieval), query)
     pos_idx = rng.choice(list(range(len(row["pos"]))))
     passages = [shuffle_text(row["pos"][pos_idx], rng, cfg.shuffle_ratio)]
     pool = list(range(len(row["neg"])))
@@ -195,8 +254,7 @@ def sample_group(row: dict, rng: random.Random, cfg: DataConfig) -> tuple[str, l
     teacher = None
     if cfg.knowledge_distillation:
         teacher = [row["pos_scores"][pos_idx]] + [row["neg_scores"][i] for i in neg_idxs]
-    if cfg.passage_instruction_for_retrieval is not None:
-        passages = [cfg.passage_instruction_format.format(cfg.passage_instruction_for_retrieval, p) for p in passages]
+    query, passages = cfg.instruct(row, row["query"], passages)
     return query, passages, teacher
 
 
@@ -232,7 +290,7 @@ def pad_batch(ids: Sequence[np.ndarray], lengths: Sequence[int], pad_id: int) ->
     return out, mask
 
 
-def collate(groups: Sequence[tuple[str, list[str], list[float] | None]], tokenizer, cfg: DataConfig, pad_id: int,
+def collate(groups: Sequence[tuple[str, list[str], list[float] | None]], tokenizer, cfg: GroupConfig, pad_id: int,
             buckets: Sequence[int] = LENGTH_BUCKETS) -> dict[str, np.ndarray]:
     """Sampled groups -> a batch: q_ids, q_mask [B, Lq]; p_ids, p_mask [B·G, Lp]; teacher_scores [B, G] float32
     with knowledge_distillation. Texts are truncated to query_max_len / passage_max_len tokens as the reference's
@@ -242,6 +300,25 @@ def collate(groups: Sequence[tuple[str, list[str], list[float] | None]], tokeniz
     batch = {}
     batch["q_ids"], batch["q_mask"] = pad_batch(q_ids, bucket_lengths(cfg.query_max_len, buckets), pad_id)
     batch["p_ids"], batch["p_mask"] = pad_batch(p_ids, bucket_lengths(cfg.passage_max_len, buckets), pad_id)
+    if cfg.knowledge_distillation:
+        batch["teacher_scores"] = np.asarray([g[2] for g in groups], np.float32)
+    return batch
+
+
+def collate_pairs(groups: Sequence[tuple[str, list[str], list[float] | None]], tokenizer, cfg: RerankerDataConfig,
+                  pad_id: int, buckets: Sequence[int] = LENGTH_BUCKETS, *, model_cfg: Any) -> dict[str, np.ndarray]:
+    """Sampled groups -> a cross-encoder's batch: ids, mask [B, G, L], each group's G pairs `<s> q </s></s> p </s>`
+    (positive first) tokenised as AbsRerankerTrainDataset.create_one_example does (see RerankerDataConfig) and
+    padded to the smallest bucket of bucket_lengths(cfg.max_len) holding the longest; teacher_scores [B, G] float32
+    with knowledge_distillation. model_cfg: the model's M3Config (special token ids)."""
+    from m3jax.reranker import pair_ids
+
+    G = cfg.train_group_size
+    queries = tokenizer.encode_plain([g[0] for g in groups], cfg.query_max_len + cfg.passage_max_len // 4)
+    passages = tokenizer.encode_plain([p for g in groups for p in g[1]], cfg.passage_max_len + cfg.query_max_len // 2)
+    pairs = pair_ids([queries[i // G] for i in range(len(passages))], passages, cfg.max_len, model_cfg)
+    ids, mask = pad_batch(pairs, bucket_lengths(cfg.max_len, buckets), pad_id)
+    batch = {"ids": ids.reshape(len(groups), G, -1), "mask": mask.reshape(len(groups), G, -1)}
     if cfg.knowledge_distillation:
         batch["teacher_scores"] = np.asarray([g[2] for g in groups], np.float32)
     return batch
@@ -275,11 +352,13 @@ class TrainData:
       process_index, num_processes: this process's slice of every global batch.
       shuffle_buffer_size: rows (raw lines) held for shuffling.
       pad_id: the tokenizer's pad id (XLM-R: 1).
+      buckets: the padded lengths (bucket_lengths).
+      collate_fn: (groups, tokenizer, cfg, pad_id, buckets) -> batch; the embedder's `collate` by default.
     """
 
-    def __init__(self, sources: str | Sequence[str], tokenizer, cfg: DataConfig, *, batch_size: int, seed: int = 0,
+    def __init__(self, sources: str | Sequence[str], tokenizer, cfg: GroupConfig, *, batch_size: int, seed: int = 0,
                  process_index: int = 0, num_processes: int = 1, shuffle_buffer_size: int = 100_000,
-                 pad_id: int = 1, buckets: Sequence[int] = LENGTH_BUCKETS):
+                 pad_id: int = 1, buckets: Sequence[int] = LENGTH_BUCKETS, collate_fn: Callable = collate):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not 0 <= process_index < num_processes:
@@ -288,6 +367,7 @@ class TrainData:
         self.tokenizer, self.cfg, self.batch_size, self.seed = tokenizer, cfg, batch_size, seed
         self.process_index, self.num_processes = process_index, num_processes
         self.shuffle_buffer_size, self.pad_id, self.buckets = shuffle_buffer_size, pad_id, tuple(buckets)
+        self.collate_fn = collate_fn
         self.dropped = 0  # rows of the last epoch's incomplete final global batch
 
     def stream(self, epoch: int) -> Iterator[tuple[int, str, int, str]]:
@@ -316,9 +396,14 @@ class TrainData:
             logger.warning("epoch %d: dropped the last %d row(s): not a whole global batch of %d", epoch,
                            len(pending), per * world)
 
+    def collate(self, groups: Sequence[tuple[str, list[str], list[float] | None]]) -> dict[str, np.ndarray]:
+        """Sampled groups -> a padded batch, by collate_fn (the embedder's `collate`, or the re-ranker's
+        m3jax.train.rerank.collate_pairs)."""
+        return self.collate_fn(groups, self.tokenizer, self.cfg, self.pad_id, self.buckets)
+
     def epoch(self, epoch: int) -> Iterator[dict[str, np.ndarray]]:
         for groups in self.examples(epoch):
-            yield collate(groups, self.tokenizer, self.cfg, self.pad_id, self.buckets)
+            yield self.collate(groups)
 
     def validate(self, max_problems: int = 20) -> int:
         """Parses every row (all processes' rows) and raises one DataError listing up to max_problems bad rows;

@@ -50,8 +50,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from m3jax._io import settings_diff
-from m3jax.train.data import DataConfig, TrainData, collate
-from m3jax.train.loss import LossConfig
+from m3jax.train.data import DataConfig, RerankerDataConfig, TrainData
+from m3jax.train.loss import LossConfig, RerankerLossConfig
 from m3jax.train.step import OptimArgs
 
 logger = logging.getLogger("m3jax")
@@ -118,6 +118,19 @@ class TrainConfig(OptimArgs):
                              f"{self.num_train_epochs})")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        for name, want in zip(("data", "loss"), self._field_types, strict=True):
+            if not isinstance(getattr(self, name), want):
+                raise TypeError(f"{type(self).__name__}.{name} must be a {want.__name__}, got "
+                                f"{type(getattr(self, name)).__name__}")
+
+    _field_types = (DataConfig, LossConfig)
+
+    @property
+    def task(self) -> Any:
+        """What is trained (m3jax.train.tasks): BGE-M3."""
+        from m3jax.train.tasks import M3Task
+
+        return M3Task()
 
     def settings(self) -> dict:
         """The fields that determine the result, as JSON."""
@@ -125,6 +138,32 @@ class TrainConfig(OptimArgs):
         for k in _RESUMABLE:
             d.pop(k)
         return d
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RerankerTrainConfig(TrainConfig):
+    """A cross-encoder re-ranker's fine-tuning, as FlagEmbedding's encoder-only re-ranker runner
+    (FlagEmbedding.finetune.reranker.encoder_only.base): TrainConfig's fields, with the re-ranker's data
+    (m3jax.train.data.RerankerDataConfig) and loss (m3jax.train.loss.RerankerLossConfig). fit() then reads a
+    release-layout re-ranker (XLMRobertaForSequenceClassification, one label) and writes final/ in that layout.
+
+        fit("BAAI/bge-reranker-v2-m3", ["scored.jsonl"], "out", RerankerTrainConfig(
+            data=RerankerDataConfig(train_group_size=16, query_max_len=256, passage_max_len=256,
+                                    knowledge_distillation=True),
+            learning_rate=6e-5, warmup_ratio=0.1, num_train_epochs=2, per_device_batch_size=2, bf16=True))
+    """
+
+    data: RerankerDataConfig = dataclasses.field(default_factory=RerankerDataConfig)
+    loss: RerankerLossConfig = dataclasses.field(default_factory=RerankerLossConfig)
+
+    _field_types = (RerankerDataConfig, RerankerLossConfig)
+
+    @property
+    def task(self) -> Any:
+        """What is trained (m3jax.train.tasks): a cross-encoder re-ranker."""
+        from m3jax.train.tasks import RerankerTask
+
+        return RerankerTask()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +180,8 @@ def fit(model: str | os.PathLike, data: str | Sequence[str], output_dir: str | o
         compilation_cache: bool | str = False) -> FitResult:
     """Fine-tunes `model` (m3jax or release directory, or hub id) on `data` (JSON-lines files, directories or
     fsspec URLs in FlagEmbedding's format) and writes output_dir (see the module docstring); resumes from
-    output_dir's latest checkpoint when there is one.
+    output_dir's latest checkpoint when there is one. With a RerankerTrainConfig, `model` is a release-layout
+    cross-encoder re-ranker, and final/ is written in that layout.
 
     until_step: stop after this optimiser step (writing a checkpoint there) without finishing the run, e.g. for
     jobs with a time slice; a later fit() call with the same settings continues. final_dir is then None.
@@ -176,6 +216,7 @@ class _Run:
         from m3jax.train.sharding import make_mesh
 
         self.config, self.out, self.process = config, out, process
+        self.task = config.task
         self.primary = process == 0
         state = self._load_model(model)
         self.mesh = make_mesh(devices)
@@ -198,13 +239,7 @@ class _Run:
     def _load_model(self, model) -> Any:
         """The checkpoint's config and tokenizer directory (on self), and its parameters as a float32 nnx.State of
         host arrays."""
-        from flax import nnx
-
-        from m3jax.checkpoint import load_pretrained
-        from m3jax.model import model_from_params
-
-        self.cfg, params, self.tok_dir = load_pretrained(model)
-        _, state = nnx.split(model_from_params(self.cfg, params, dtype="float32"))
+        self.cfg, state, self.tok_dir = self.task.read(model)
         return state
 
     def _open_data(self, sources, nproc: int) -> int:
@@ -217,6 +252,7 @@ class _Run:
         self.data = TrainData(sources, Tokenizer(self.tok_dir), c.data, batch_size=c.per_device_batch_size * local,
                               seed=c.seed, process_index=self.process, num_processes=nproc,
                               shuffle_buffer_size=c.shuffle_buffer_size, pad_id=self.cfg.pad_token_id,
+                              collate_fn=self.task.collate_fn(self.cfg),
                               **({} if c.length_buckets is None else {"buckets": tuple(c.length_buckets)}))
         return self.data.validate()
 
@@ -302,7 +338,7 @@ class _Run:
         while self.step < stop:
             pending = []
             for groups in self._examples():
-                pending.append(collate(groups, self.data.tokenizer, c.data, self.data.pad_id, self.data.buckets))
+                pending.append(self.data.collate(groups))
                 self.consumed += 1
                 if len(pending) < A:
                     continue
@@ -359,23 +395,24 @@ class _Run:
         return {k: (int(v) if k == "tokens" else float(v)) for k, v in m.items()}
 
     def _stack(self, batches: list[dict]) -> dict:
-        """Micro-batches padded to one shape (the longest bucket among them, agreed by every process) and stacked
-        [A, rows, ...], as one global array per field sharded over the data axis."""
+        """Micro-batches padded to one shape (the token fields, *_ids and *_mask, to the longest bucket among them,
+        agreed by every process) and stacked [A, rows, ...], as one global array per field sharded over the data
+        axis."""
         from m3jax.train.sharding import batch_sharding
 
-        lens = np.array([max(b["q_ids"].shape[1] for b in batches), max(b["p_ids"].shape[1] for b in batches)])
+        tokens = [k for k in batches[0] if k.endswith(("ids", "mask"))]
+        lens = np.array([max(b[k].shape[-1] for b in batches) for k in tokens])
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils
 
-            lens = np.asarray(multihost_utils.process_allgather(lens)).reshape(-1, 2).max(0)
-        pad = self.data.pad_id
+            lens = np.asarray(multihost_utils.process_allgather(lens)).reshape(-1, len(tokens)).max(0)
         out = {}
-        for key, L in (("q_ids", lens[0]), ("q_mask", lens[0]), ("p_ids", lens[1]), ("p_mask", lens[1])):
-            fill = pad if key.endswith("ids") else 0
-            out[key] = np.stack([np.pad(b[key], ((0, 0), (0, L - b[key].shape[1])), constant_values=fill)
-                                 for b in batches])
-        if "teacher_scores" in batches[0]:
-            out["teacher_scores"] = np.stack([b["teacher_scores"] for b in batches])
+        for key, L in zip(tokens, lens, strict=True):
+            fill = self.data.pad_id if key.endswith("ids") else 0
+            out[key] = np.stack([np.pad(b[key], [(0, 0)] * (b[key].ndim - 1) + [(0, L - b[key].shape[-1])],
+                                        constant_values=fill) for b in batches])
+        for key in batches[0].keys() - set(tokens):
+            out[key] = np.stack([b[key] for b in batches])
         sharding = batch_sharding(self.mesh)
         return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in out.items()}
 
@@ -397,8 +434,6 @@ class _Run:
             bar.update(1)
 
     def _write_final(self) -> Path:
-        from m3jax.checkpoint import save_m3jax
-
         final = self.out / "final"
         state = self.state
         if jax.process_count() > 1:
@@ -409,9 +444,8 @@ class _Run:
             from flax import nnx
 
             params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), nnx.to_pure_dict(state))
-            save_m3jax(final, self.cfg, params, self.tok_dir, overwrite=True,
-                       metadata={"trained_from": self.settings["model"], "steps": self.step,
-                                 "train_settings": SETTINGS})
+            self.task.save(final, self.cfg, params, self.tok_dir,
+                           {"trained_from": self.settings["model"], "steps": self.step, "train_settings": SETTINGS})
         return final
 
     def close(self) -> None:
@@ -451,24 +485,22 @@ class StepPlan:
         with jax.set_mesh(self.mesh):
             return accumulate_step(self.graphdef, state, opt_state, batches, step, rng, **self.static)
 
-    def abstract_inputs(self, cfg: Any, config: TrainConfig, mesh: Any, query_len: int, passage_len: int) -> tuple:
-        """ShapeDtypeStructs of accumulate_step's arguments for one step of padded lengths (query, passage):
-        (state, opt_state, batches, step, rng), laid out as fit() places them."""
+    def abstract_inputs(self, cfg: Any, config: TrainConfig, mesh: Any, *lengths: int) -> tuple:
+        """ShapeDtypeStructs of accumulate_step's arguments for one step of padded lengths (BGE-M3: query, passage;
+        a re-ranker: pair): (state, opt_state, batches, step, rng), laid out as fit() places them."""
         from flax import nnx
 
-        from m3jax.model import abstract_model
         from m3jax.train.sharding import batch_sharding
 
-        _, state = nnx.split(abstract_model(cfg, dtype="float32"))
+        _, state = nnx.split(config.task.abstract(cfg, "float32"))
         spec = lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)  # noqa: E731
         state = jax.tree_util.tree_map(spec, state, self.state_shardings)
         opt_state = jax.tree_util.tree_map(spec, jax.eval_shape(self.tx.init, state), self.opt_shardings)
         a, g = config.gradient_accumulation_steps, config.data.train_group_size
         b = config.per_device_batch_size * mesh.size
         rows = batch_sharding(mesh)
-        batches = {"q_ids": (a, b, query_len), "q_mask": (a, b, query_len), "p_ids": (a, b * g, passage_len),
-                   "p_mask": (a, b * g, passage_len)}
-        batches = {k: jax.ShapeDtypeStruct(v, np.int32, sharding=rows) for k, v in batches.items()}
+        batches = {k: jax.ShapeDtypeStruct(v, np.int32, sharding=rows)
+                   for k, v in config.task.batch_shapes(config, a, b, lengths).items()}
         if config.data.knowledge_distillation:
             batches["teacher_scores"] = jax.ShapeDtypeStruct((a, b, g), np.float32, sharding=rows)
         return (state, opt_state, batches, jax.ShapeDtypeStruct((), np.int32),
@@ -479,16 +511,15 @@ def plan_step(cfg: Any, config: TrainConfig, mesh: Any, total_steps: int) -> Ste
     """The compute graph (dtype, remat), the optimiser over total_steps, and the shardings of fit()'s step."""
     from flax import nnx
 
-    from m3jax.model import abstract_model
     from m3jax.train.sharding import tree_shardings
     from m3jax.train.step import make_optimizer
 
     c = config
     compute = "bfloat16" if c.bf16 else "float32"
-    skeleton = abstract_model(cfg, dtype=compute)
+    skeleton = c.task.abstract(cfg, compute)
     skeleton.encoder.remat = c.remat
     graphdef, _ = nnx.split(skeleton)
-    _, state = nnx.split(abstract_model(cfg, dtype="float32"))
+    _, state = nnx.split(c.task.abstract(cfg, "float32"))
     optim = c.for_steps(total_steps)
     tx = make_optimizer(state, c.loss, optim)
     state_sh = tree_shardings(state, mesh, c.fsdp)
@@ -548,4 +579,5 @@ def _tensorboard(logdir: Path):
     return None
 
 
-__all__ = ["FitResult", "StepPlan", "TrainConfig", "TrainError", "fit", "lower_step", "plan_step"]
+__all__ = ["FitResult", "RerankerTrainConfig", "StepPlan", "TrainConfig", "TrainError", "fit", "lower_step",
+           "plan_step"]

@@ -81,6 +81,35 @@ class LossConfig:
         if self.fix_encoder and not self.unified_finetuning:
             raise ValueError("fix_encoder without unified_finetuning leaves nothing to train")
 
+    def trainable(self, path: str) -> bool:
+        """is_trainable under these flags."""
+        return is_trainable(path, self)
+
+    def objective(self, graphdef: nnx.GraphDef, state: nnx.State, batch: dict, step: jax.Array,
+                  axis_name: str | None = None, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """The loss accumulate_step differentiates: loss_fn under these flags."""
+        return loss_fn(graphdef, state, batch, step, self, axis_name, dropout_rng)
+
+
+@dataclasses.dataclass(frozen=True)
+class RerankerLossConfig:
+    """The re-ranker's training objective, FlagEmbedding's encoder-only CrossEncoderModel: listwise cross-entropy
+    over each group (positive first), plus the distillation term when the batch carries teacher scores
+    (reranker_loss). FlagEmbedding gives it no options, and every parameter trains."""
+
+    def trainable(self, path: str) -> bool:
+        return True
+
+    def objective(self, graphdef: nnx.GraphDef, state: nnx.State, batch: dict, step: jax.Array,
+                  axis_name: str | None = None, dropout_rng: jax.Array | None = None) -> tuple[jax.Array, dict]:
+        """reranker_loss over a RerankerModel's logits. batch: ids, mask [B, G, L] (pairs, each group's positive
+        first); optional teacher_scores [B, G]. Each device's loss is its own groups' (as each DDP rank's)."""
+        B, G, L = batch["ids"].shape
+        model = nnx.merge(graphdef, state)
+        logits = model(batch["ids"].reshape(B * G, L), batch["mask"].reshape(B * G, L), dropout_rng=dropout_rng)
+        teacher = batch.get("teacher_scores")
+        return reranker_loss(logits, G, None if teacher is None else teacher.reshape(-1)), {}
+
 
 # ------------------------------------------------------------------------------------------------------- scores
 def dense_scores(q: jax.Array, p: jax.Array, temperature: float) -> jax.Array:

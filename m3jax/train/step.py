@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from m3jax.train.loss import LossConfig, is_trainable, param_path
+from m3jax.train.loss import LossConfig, RerankerLossConfig, param_path
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -63,11 +63,12 @@ def decays(path: str) -> bool:
     return not (path.endswith("bias") or "LayerNorm" in path)
 
 
-def make_optimizer(state: nnx.State, flags: LossConfig, cfg: OptimConfig) -> optax.GradientTransformation:
+def make_optimizer(state: nnx.State, flags: LossConfig | RerankerLossConfig, cfg: OptimConfig
+                   ) -> optax.GradientTransformation:
     """Clip, AdamW with the decay mask, schedule; frozen parameters get zero updates (and no optimiser state).
     Clipping sees only the trainable gradients, as clip_grad_norm_ over parameters whose grad is None would."""
     labels = jax.tree_util.tree_map_with_path(
-        lambda kp, _: "train" if is_trainable(param_path(kp), flags) else "frozen", state)
+        lambda kp, _: "train" if flags.trainable(param_path(kp)) else "frozen", state)
     decay_mask = jax.tree_util.tree_map_with_path(lambda kp, _: decays(param_path(kp)), state)
     adamw = optax.adamw(linear_schedule(cfg), b1=cfg.adam_beta1, b2=cfg.adam_beta2, eps=cfg.adam_epsilon,
                         weight_decay=cfg.weight_decay, mask=decay_mask)
@@ -89,7 +90,8 @@ def cast_params(state: Any, dtype: Any) -> Any:
 @functools.partial(jax.jit, static_argnames=("graphdef", "flags", "tx", "mesh", "fsdp", "compute_dtype", "dropout"),
                    donate_argnames=("state", "opt_state"))
 def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.OptState, batches: dict,
-                    step: jax.Array, rng: jax.Array, *, flags: LossConfig, tx: optax.GradientTransformation,
+                    step: jax.Array, rng: jax.Array, *, flags: LossConfig | RerankerLossConfig,
+                    tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None, fsdp: bool = False, compute_dtype: str = "float32",
                     dropout: bool = True) -> tuple[nnx.State, optax.OptState, dict]:
     """One optimiser step over A micro-batches, as the HF Trainer takes it with gradient_accumulation_steps = A
@@ -100,7 +102,10 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
     Args:
       graphdef: of a model built with dtype=compute_dtype (its matmuls run in that dtype) and, for
         rematerialisation, encoder.remat = True.
-      batches: the batch fields stacked over micro-batches: q_ids, q_mask [A, B, Lq]; p_ids, p_mask [A, B·G, Lp];
+      flags: the objective (LossConfig: BGE-M3's; RerankerLossConfig: a cross-encoder's) and which parameters
+        train.
+      batches: the batch fields of flags.objective stacked over micro-batches. BGE-M3: q_ids, q_mask [A, B, Lq];
+        p_ids, p_mask [A, B·G, Lp]; optional teacher_scores [A, B, G]. A re-ranker: ids, mask [A, B, G, L];
         optional teacher_scores [A, B, G]. With a mesh, B is the global batch, split over the data axis (each
         device computes the reference's per-rank loss; loss and gradients are averaged over devices, as DDP).
       step: optimiser steps taken so far; the forward counter that gates self-distillation is step·A + i.
@@ -112,10 +117,11 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
     """
     from jax.sharding import PartitionSpec as P
 
-    from m3jax.train.loss import DATA_AXIS, loss_fn
+    from m3jax.train.loss import DATA_AXIS
     from m3jax.train.sharding import tree_shardings
 
-    A = batches["q_ids"].shape[0]
+    masks = [v for k, v in batches.items() if k.endswith("mask")]
+    A = masks[0].shape[0]
     layout = (lambda t: t) if mesh is None else (
         lambda t: jax.lax.with_sharding_constraint(t, tree_shardings(t, mesh, fsdp)))
 
@@ -123,7 +129,7 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
         k = None
         if dropout:
             k = key if mesh is None else jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        return loss_fn(graphdef, cstate, micro, fwd_step, flags, None if mesh is None else DATA_AXIS, k)
+        return flags.objective(graphdef, cstate, micro, fwd_step, None if mesh is None else DATA_AXIS, k)
 
     def micro_loss(state, micro, fwd_step, key):
         cstate = cast_params(state, compute_dtype)
@@ -147,5 +153,5 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
     state = layout(optax.apply_updates(state, updates))
     metrics = {"loss": losses.mean(), **{k: v.mean() for k, v in parts.items()},
                "grad_norm": optax.tree.norm(grads),
-               "tokens": batches["q_mask"].astype(jnp.int32).sum() + batches["p_mask"].astype(jnp.int32).sum()}
+               "tokens": sum(m.astype(jnp.int32).sum() for m in masks)}
     return state, layout(opt_state), metrics
