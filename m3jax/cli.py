@@ -230,6 +230,11 @@ def preflight(args) -> int:
     return 0 if all(c.ok for c in checks) else 1
 
 
+def _chunk_rows(args) -> dict:
+    """--chunk-rows if given (else the data tools' own default, m3jax.train.datatools.CHUNK_ROWS)."""
+    return {} if args.chunk_rows is None else {"chunk_rows": args.chunk_rows}
+
+
 def mine(args) -> int:
     from m3jax.train.datatools import mine_hard_negatives
 
@@ -239,7 +244,7 @@ def mine(args) -> int:
                                     range_for_sampling=(start, end), negative_number=args.negative_number,
                                     seed=args.seed, batch_size=args.batch_size,
                                     query_max_length=args.query_max_length,
-                                    passage_max_length=args.passage_max_length)
+                                    passage_max_length=args.passage_max_length, **_chunk_rows(args))
     except ValueError as e:  # DataError included
         print(f"m3jax mine: error: {e}", file=sys.stderr)
         return 2
@@ -257,7 +262,7 @@ def score(args) -> int:
             raise ValueError(f"--weights takes dense,sparse,colbert, got {args.weights!r}")
         stats = add_teacher_scores(args.input_file, args.output_file, reranker=args.reranker,
                                    model=None if args.reranker else args.model, weights=weights,
-                                   max_length=args.max_length, batch_size=args.batch_size)
+                                   max_length=args.max_length, batch_size=args.batch_size, **_chunk_rows(args))
     except ValueError as e:
         print(f"m3jax score: error: {e}", file=sys.stderr)
         return 2
@@ -270,7 +275,7 @@ def _add_mine(sub) -> None:
     m = sub.add_parser("mine", help="hard negatives for fine-tuning data (FlagEmbedding's hn_mine.py) from m3jax's "
                                     "own dense search")
     m.add_argument("input_file", help="JSON lines {query, pos[, neg]} (a file, directory or URL)")
-    m.add_argument("output_file", help="the same rows with 'neg' mined (written when complete)")
+    m.add_argument("output_file", help="the same rows with 'neg' mined (written when complete; a rerun resumes)")
     m.add_argument("--model", default="BAAI/bge-m3", help="hub id, release or m3jax directory")
     m.add_argument("--candidate-pool", default=None, help="JSON lines {text}; default: every pos and neg of the input")
     m.add_argument("--range-for-sampling", default="2-200", help="ranks start-end to draw from (hn_mine's)")
@@ -279,6 +284,8 @@ def _add_mine(sub) -> None:
     m.add_argument("--batch-size", type=int, default=256)
     m.add_argument("--query-max-length", type=int, default=512)
     m.add_argument("--passage-max-length", type=int, default=512)
+    m.add_argument("--chunk-rows", type=int, default=None, help="rows (and pool passages) per resumable chunk "
+                                                               "(default 10,000)")
     m.set_defaults(func=mine)
 
 
@@ -286,12 +293,14 @@ def _add_score(sub) -> None:
     s = sub.add_parser("score", help="teacher scores (pos_scores, neg_scores) for fine-tuning data, from a re-ranker "
                                      "or BGE-M3's hybrid score (FlagEmbedding's add_reranker_score.py)")
     s.add_argument("input_file", help="JSON lines {query, pos, neg}")
-    s.add_argument("output_file", help="the same rows with pos_scores and neg_scores (written when complete)")
+    s.add_argument("output_file", help="the same rows with pos_scores and neg_scores (written when complete; a "
+                                       "rerun resumes)")
     s.add_argument("--reranker", default=None, help="a cross-encoder's release directory or hub id")
     s.add_argument("--model", default="BAAI/bge-m3", help="without --reranker: BGE-M3's weighted hybrid score")
     s.add_argument("--weights", default="0.4,0.2,0.4", help="dense,sparse,colbert weights of the hybrid score")
     s.add_argument("--max-length", type=int, default=None)
     s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--chunk-rows", type=int, default=None, help="rows per resumable chunk (default 10,000)")
     s.set_defaults(func=score)
 
 

@@ -88,7 +88,7 @@ def test_commands_and_bad_input(setup, capsys):
     d = setup["dir"]
     assert main(["mine", str(d / "train.jsonl"), str(d / "cli.jsonl"), "--model", str(setup["model"]),
                  "--range-for-sampling", "2-10", "--negative-number", "3", "--query-max-length", "64",
-                 "--passage-max-length", "64"]) == 0
+                 "--passage-max-length", "64", "--chunk-rows", "4"]) == 0
     assert [len(r["neg"]) for r in read(d / "cli.jsonl")] == [3] * 6
     assert main(["score", str(d / "cli.jsonl"), str(d / "cli_scored.jsonl"), "--reranker",
                  str(setup["reranker"])]) == 0
@@ -99,3 +99,71 @@ def test_commands_and_bad_input(setup, capsys):
     assert "bad.jsonl:2" in err and "'query' must be a string" in err and not (d / "bad_out.jsonl").exists()
     assert main(["mine", str(d / "train.jsonl"), str(d / "x.jsonl"), "--model", str(setup["model"]),
                  "--range-for-sampling", "9-3"]) == 2
+
+
+class Killed(RuntimeError):
+    pass
+
+
+class Flaky:
+    """Wraps a scorer or model method: the call numbered `fail_at` raises (a run killed mid-way); counts calls."""
+
+    def __init__(self, fn, fail_at=None):
+        self.fn, self.fail_at, self.calls = fn, fail_at, 0
+
+    def __call__(self, *a, **kw):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise Killed(f"call {self.calls}")
+        return self.fn(*a, **kw)
+
+
+def test_score_resumes_a_killed_run_and_refuses_other_settings(setup):
+    """Chunks of 2 rows (3 chunks): a run killed in its second chunk leaves chunk 0 done and no output; the rerun
+    scores only chunks 1 and 2 and writes what an uninterrupted run writes; a rerun with other settings over the
+    killed run's chunks is refused, naming the setting."""
+    from m3jax import FlagReranker
+    from m3jax.train.datatools import JobError, add_teacher_scores
+
+    d = setup["dir"]
+    rows = [{**r, "neg": setup["pool"][10 + i:12 + i]} for i, r in enumerate(setup["rows"])]
+    (d / "resume_in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    reranker = FlagReranker(setup["reranker"])
+    add_teacher_scores(str(d / "resume_in.jsonl"), d / "straight.jsonl", reranker=reranker, chunk_rows=2)
+    out, parts = d / "resumed.jsonl", d / ".resumed.jsonl.parts"
+    real = reranker.compute_score
+    reranker.compute_score = Flaky(real, fail_at=2)
+    with pytest.raises(Killed):
+        add_teacher_scores(str(d / "resume_in.jsonl"), out, reranker=reranker, chunk_rows=2)
+    assert not out.exists() and sorted(p.name for p in parts.glob("part-*.jsonl")) == ["part-00000.jsonl"]
+    with pytest.raises(JobError, match=r"chunk_rows: 2 .* != 3 \(now\)"):
+        add_teacher_scores(str(d / "resume_in.jsonl"), out, reranker=reranker, chunk_rows=3)
+    reranker.compute_score = Flaky(real)
+    stats = add_teacher_scores(str(d / "resume_in.jsonl"), out, reranker=reranker, chunk_rows=2)
+    assert reranker.compute_score.calls == 2 and stats == {"rows": 6, "pairs": 18, "teacher": "reranker"}
+    assert read(out) == read(d / "straight.jsonl") and not parts.exists()
+
+
+def test_mine_resumes_without_embedding_the_pool_again(setup):
+    """mine killed while searching its second chunk of queries: the rerun embeds no pool passage again (their
+    vectors were kept), searches only the chunks not done, and writes what an uninterrupted run writes."""
+    from m3jax.api import BGEM3
+    from m3jax.train.datatools import mine_hard_negatives
+
+    d = setup["dir"]
+    kw = dict(candidate_pool=str(d / "pool.jsonl"), range_for_sampling=(2, 20), negative_number=4, seed=3,
+              query_max_length=64, passage_max_length=64, chunk_rows=4)
+    model = BGEM3(setup["model"], show_progress=False)
+    straight = mine_hard_negatives(model, str(d / "train.jsonl"), d / "m_straight.jsonl", **kw)
+    encode, encode_queries = model.encode, model.encode_queries
+    model.encode_queries = Flaky(encode_queries, fail_at=2)
+    with pytest.raises(Killed):
+        mine_hard_negatives(model, str(d / "train.jsonl"), d / "m_resumed.jsonl", **kw)
+    parts = d / ".m_resumed.jsonl.parts"
+    assert sorted(p.name for p in parts.iterdir()) == [  # 40 pool passages in chunks of 4; 6 rows: chunks 0, 1
+        "part-00000.counts.json", "part-00000.jsonl", *[f"pool-{k:05d}.npy" for k in range(0, 40, 4)],
+        "settings.json"]
+    model.encode, model.encode_queries = Flaky(encode), Flaky(encode_queries)
+    assert mine_hard_negatives(model, str(d / "train.jsonl"), d / "m_resumed.jsonl", **kw) == straight
+    assert model.encode.calls == 0 and model.encode_queries.calls == 1
+    assert read(d / "m_resumed.jsonl") == read(d / "m_straight.jsonl") and not parts.exists()
