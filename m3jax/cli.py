@@ -133,7 +133,7 @@ def evaluate(args) -> int:
 # `m3jax train`'s flags that set BGE-M3's LossConfig (same names), and each task's instruction flags.
 _M3_LOSS_FLAGS = ("temperature", "unified_finetuning", "use_self_distill", "self_distill_start_step", "kd_loss_type",
                   "negatives_cross_device", "sentence_pooling_method", "normalize_embeddings", "fix_encoder",
-                  "fix_position_embedding")
+                  "fix_position_embedding", "use_mrl", "mrl_dims", "colbert_mrl_dims")
 _INSTRUCTIONS = {False: ("query_instruction_for_retrieval", "passage_instruction_for_retrieval"),
                  True: ("query_instruction_for_rerank", "passage_instruction_for_rerank")}
 
@@ -153,10 +153,13 @@ def train(args) -> int:
     def flag(name: str) -> str:
         return "--" + name.replace("_", "-")
 
+    def tuple_if_list(v):
+        return tuple(v) if isinstance(v, list) else v
+
     try:
         foreign = [flag(k) for k in _INSTRUCTIONS[not args.reranker] if getattr(args, k) is not None]
         if args.reranker:
-            foreign += [flag(k) for k in _M3_LOSS_FLAGS if getattr(args, k) != getattr(LossConfig(), k)]
+            foreign += [flag(k) for k in _M3_LOSS_FLAGS if tuple_if_list(getattr(args, k)) != getattr(LossConfig(), k)]
         if foreign:
             raise TrainError(f"{', '.join(foreign)} {'is' if len(foreign) == 1 else 'are'} for "
                              f"{'BGE-M3, not a re-ranker' if args.reranker else 're-rankers (with --reranker)'}")
@@ -522,6 +525,11 @@ def _add_train(sub) -> None:
     t.add_argument("--normalize-embeddings", type=_bool, nargs="?", const=True, default=True, metavar="BOOL")
     t.add_argument("--fix-encoder", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
     t.add_argument("--fix-position-embedding", type=_bool, nargs="?", const=True, default=False, metavar="BOOL")
+    t.add_argument("--use-mrl", type=_bool, nargs="?", const=True, default=False, metavar="BOOL",
+                   help="Matryoshka training of the dense vector at --mrl-dims (FlagEmbedding's dense embedders' MRL)")
+    t.add_argument("--mrl-dims", type=int, nargs="+", default=(), metavar="D")
+    t.add_argument("--colbert-mrl-dims", type=int, nargs="+", default=(), metavar="D",
+                   help="with --use-mrl --unified-finetuning: Matryoshka widths of the ColBERT projection")
     t.add_argument("--save-steps", type=int, default=500)
     t.add_argument("--save-total-limit", type=int, default=None)
     t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")

@@ -416,3 +416,84 @@ def test_cross_device_negatives_four_devices(release, tmp_path, monkeypatch):
         print(f"cross-device reps {case}: loss rel {loss_rel:.2e}, worst grad rel {worst:.2e}")
         assert loss_rel <= LOSS_TOL, case
         assert worst <= GRAD_TOL, case
+
+
+# ------------------------------------------------------------------------------------------------ Matryoshka (MRL)
+def test_dense_mrl_matches_flagembeddings_dense_embedder(release):
+    """use_mrl on the dense-only path == FlagEmbedding's BiEncoderOnlyEmbedderModel with use_mrl (its M3 model has
+    none): the mean of the in-batch losses, with teacher scores, over the first 2, 8 and 48 dimensions of the CLS
+    vector, normalised after truncation (48 is above the tiny model's 32: the full width, as the reference does);
+    the loss and the gradient of every parameter."""
+    from FlagEmbedding.finetune.embedder.encoder_only.base.modeling import BiEncoderOnlyEmbedderModel
+    from transformers import AutoModel, AutoTokenizer
+
+    path, cfg, (graphdef, state) = release
+    flags = LossConfig(use_mrl=True, mrl_dims=(2, 8, 48), temperature=0.02)
+    tok = AutoTokenizer.from_pretrained(str(path))
+    qf, q_ids, q_mask = token_batch(tok, QUERIES, 32, None, 3)
+    pf, p_ids, p_mask = token_batch(tok, PASSAGES, 64, None, 5)
+    teacher = np.random.default_rng(2).standard_normal((B, G)).astype(np.float32) * 3
+    base = AutoModel.from_pretrained(str(path), hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                     add_pooling_layer=False)
+    ref = BiEncoderOnlyEmbedderModel(base, tokenizer=tok, temperature=0.02, use_mrl=True, mrl_dims=[2, 8, 48],
+                                     sentence_pooling_method="cls", normalize_embeddings=True).float().train()
+    ref_loss, ref_grads = reference_loss_and_grads(ref, qf, pf, teacher.reshape(-1).tolist())
+    batch = {"q_ids": q_ids, "q_mask": q_mask, "p_ids": p_ids, "p_mask": p_mask, "teacher_scores": teacher}
+    (loss, _), grads = value_and_grad(graphdef, state, batch, jnp.int32(0), flags)
+    (plain, _), _ = value_and_grad(graphdef, state, batch, jnp.int32(0), LossConfig(temperature=0.02))
+    assert abs(float(loss) - ref_loss) <= LOSS_TOL * abs(ref_loss) and abs(float(plain) - ref_loss) > 1e-3
+    diffs = grad_report(m3jax_grads_as_torch(grads, cfg), ref_grads)
+    assert max(diffs.values()) <= GRAD_TOL, sorted(diffs.items(), key=lambda kv: -kv[1])[:5]
+
+
+def test_colbert_mrl_is_the_mean_over_truncated_widths():
+    """colbert_mrl_dims: the ColBERT loss is the mean of the plain ColBERT loss over the projections cut to each
+    width and normalised again (computed here from the plain loss on reps truncated by hand); the dense, sparse and
+    ensemble terms are the full-width ones."""
+    rng = np.random.default_rng(4)
+    B_, G_, T, C = 2, 3, 7, 8
+    q_mask = (np.arange(T)[None] < rng.integers(3, T + 1, B_)[:, None]).astype(np.int32)
+    p_mask = (np.arange(T)[None] < rng.integers(3, T + 1, B_ * G_)[:, None]).astype(np.int32)
+
+    def reps(mask):
+        raw = rng.standard_normal((len(mask), T - 1, C)).astype(np.float32) * mask[:, 1:, None]
+        unit = lambda x: x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)  # noqa: E731
+        dense = rng.standard_normal((len(mask), 16)).astype(np.float32)
+        return {"dense": unit(dense), "dense_raw": dense, "sparse": np.abs(rng.standard_normal((len(mask), 30))),
+                "colbert": unit(raw), "colbert_raw": raw}, unit
+
+    (q, unit), (p, _) = reps(q_mask), reps(p_mask)
+    mrl = LossConfig(unified_finetuning=True, use_mrl=True, mrl_dims=(16,), colbert_mrl_dims=(2, 5, 8, 99))
+    _, parts = m3_loss(q, p, q_mask, p_mask, None, jnp.int32(0), mrl)
+    plain = LossConfig(unified_finetuning=True)
+    cut = lambda x, d: {**x, "colbert": unit(x["colbert_raw"][..., :d])}  # noqa: E731
+    want = np.mean([float(m3_loss(cut(q, d), cut(p, d), q_mask, p_mask, None, jnp.int32(0), plain)[1]["colbert"])
+                    for d in (2, 5, 8, 8)])
+    _, full = m3_loss(q, p, q_mask, p_mask, None, jnp.int32(0), plain)
+    np.testing.assert_allclose(float(parts["colbert"]), want, rtol=1e-6)
+    for k in ("dense", "sparse", "ensemble"):
+        np.testing.assert_allclose(float(parts[k]), float(full[k]), rtol=1e-6)
+    assert abs(float(parts["colbert"]) - float(full["colbert"])) > 1e-4
+    with pytest.raises(ValueError, match="mrl_dims should be provided"):
+        LossConfig(use_mrl=True)
+    with pytest.raises(ValueError, match="colbert_mrl_dims needs use_mrl and unified_finetuning"):
+        LossConfig(use_mrl=True, mrl_dims=(8,), colbert_mrl_dims=(8,))
+
+
+def test_train_command_passes_the_mrl_flags(monkeypatch, tmp_path):
+    """`m3jax train --use-mrl --mrl-dims ... --colbert-mrl-dims ...` reaches fit() as LossConfig's fields."""
+    import m3jax.train
+    from m3jax import cli
+    from m3jax.train import FitResult
+
+    seen = {}
+
+    def fake_fit(model, data, output, config, **kw):
+        seen["config"] = config
+        return FitResult(None, 0, None, {})
+
+    monkeypatch.setattr(m3jax.train, "fit", fake_fit)
+    assert cli.main(["train", "d.jsonl", "--model", "m", "--output", str(tmp_path), "--quiet", "--unified-finetuning",
+                     "--use-mrl", "--mrl-dims", "64", "256", "--colbert-mrl-dims", "128"]) == 0
+    assert seen["config"].loss == LossConfig(unified_finetuning=True, use_mrl=True, mrl_dims=(64, 256),
+                                             colbert_mrl_dims=(128,))

@@ -53,6 +53,13 @@ class LossConfig:
       fix_position_embedding: freeze embeddings.position_embeddings.
       pad_to_multiple_of: the data collator's pad_to_multiple_of (None: pad to the longest); sets where the
         reference's ColBERT zero floor applies (see the module docstring).
+      use_mrl, mrl_dims: Matryoshka training of the dense vector, as FlagEmbedding's dense embedders define it
+        (AbsEmbedderModel with use_mrl; its M3 model raises NotImplementedError): the dense loss is the mean of the
+        dense losses over the first d dimensions of the pooled vector, normalised after truncation, for each d in
+        mrl_dims (a d above the width counts as the full width, as the reference's warning says).
+      colbert_mrl_dims: the same for the ColBERT projection (unified_finetuning with use_mrl): the ColBERT loss is
+        the mean over these widths. The ensemble and self-distillation scores keep the full widths. Inference serves
+        a trained width with truncate_dim.
     """
 
     temperature: float = 0.02
@@ -67,8 +74,21 @@ class LossConfig:
     fix_encoder: bool = False
     fix_position_embedding: bool = False
     pad_to_multiple_of: int | None = None
+    use_mrl: bool = False
+    mrl_dims: tuple[int, ...] = ()
+    colbert_mrl_dims: tuple[int, ...] = ()
 
     def __post_init__(self):
+        for name in ("mrl_dims", "colbert_mrl_dims"):
+            object.__setattr__(self, name, tuple(int(d) for d in getattr(self, name)))
+            if any(d < 1 for d in getattr(self, name)):
+                raise ValueError(f"{name} must be positive widths, got {getattr(self, name)}")
+        if self.use_mrl and not self.mrl_dims:
+            raise ValueError("mrl_dims should be provided when use_mrl is True")  # the reference's own check
+        if self.colbert_mrl_dims and not (self.use_mrl and self.unified_finetuning):
+            raise ValueError("colbert_mrl_dims needs use_mrl and unified_finetuning (the ColBERT loss)")
+        if self.mrl_dims and not self.use_mrl:
+            raise ValueError(f"mrl_dims {self.mrl_dims} given without use_mrl")
         if self.kd_loss_type not in KD_LOSS_TYPES:
             raise ValueError(f"kd_loss_type must be one of {KD_LOSS_TYPES}, got {self.kd_loss_type!r}")
         if self.sentence_pooling_method not in ("cls", "mean"):
@@ -296,12 +316,18 @@ def m3_loss(q: dict, p: dict, q_mask: jax.Array, p_mask: jax.Array, teacher_scor
     if flags.no_in_batch_neg and teacher is not None and kd == "m3_kd_loss" and B > 1:
         raise ValueError("no_in_batch_neg with m3_kd_loss fails in FlagEmbedding 1.4.2 for batch size > 1: its "
                          "targets b·G + i fall outside the [B, G] local scores")
-    if flags.no_in_batch_neg:
-        d_scores, d_loss = no_in_batch_neg_loss(dense_fn(q["dense"], p["dense"]), G, teacher, kd)
-    elif cross:
-        d_scores, d_loss = cross_device_neg_loss(q["dense"], p["dense"], G, teacher, kd, dense_fn, axis_name)
-    else:
-        d_scores, d_loss = in_batch_neg_loss(dense_fn(q["dense"], p["dense"]), G, teacher, kd)
+
+    def dense_loss(qd, pd):
+        if flags.no_in_batch_neg:
+            return no_in_batch_neg_loss(dense_fn(qd, pd), G, teacher, kd)
+        if cross:
+            return cross_device_neg_loss(qd, pd, G, teacher, kd, dense_fn, axis_name)
+        return in_batch_neg_loss(dense_fn(qd, pd), G, teacher, kd)
+
+    d_scores, d_loss = dense_loss(q["dense"], p["dense"])
+    if flags.use_mrl:
+        d_loss = _mrl_mean(lambda d: dense_loss(*(mrl_truncate(x["dense_raw"], d, flags) for x in (q, p)))[1],
+                           flags.mrl_dims, q["dense_raw"].shape[-1])
     parts = {"dense": d_loss}
     if not flags.unified_finetuning:
         return d_loss, parts
@@ -309,8 +335,12 @@ def m3_loss(q: dict, p: dict, q_mask: jax.Array, p_mask: jax.Array, teacher_scor
     local_loss = no_in_batch_neg_loss if flags.no_in_batch_neg else in_batch_neg_loss
     s_scores, s_loss = local_loss(sparse_scores(q["sparse"], p["sparse"], temp), G, teacher, kd)
     ref_len = reference_pad_length(p_mask, flags.pad_to_multiple_of)
-    c_scores, c_loss = local_loss(colbert_scores(q["colbert"], q_mask, p["colbert"], p_mask, temp, ref_len),
-                                  G, teacher, kd)
+    colbert_loss = lambda qc, pc: local_loss(colbert_scores(qc, q_mask, pc, p_mask, temp, ref_len),  # noqa: E731
+                                             G, teacher, kd)
+    c_scores, c_loss = colbert_loss(q["colbert"], p["colbert"])
+    if flags.colbert_mrl_dims:
+        c_loss = _mrl_mean(lambda d: colbert_loss(*(mrl_truncate(x["colbert_raw"], d, flags) for x in (q, p)))[1],
+                           flags.colbert_mrl_dims, q["colbert_raw"].shape[-1])
     if cross:
         start = jax.lax.axis_index(axis_name)
         d_scores = jax.lax.dynamic_slice(d_scores, (start * B, start * N), (B, N))
@@ -333,6 +363,18 @@ def m3_loss(q: dict, p: dict, q_mask: jax.Array, p_mask: jax.Array, teacher_scor
         parts["self_distill"] = sd
         loss = jnp.where(step > flags.self_distill_start_step, (loss + sd) / 2, loss)
     return loss, parts
+
+
+def mrl_truncate(x: jax.Array, dim: int, flags: LossConfig) -> jax.Array:
+    """The first dim features of un-normalised vectors (all of them if dim exceeds the width), normalised after
+    truncation when the flags normalise: AbsEmbedderModel.encode's MRL branch."""
+    x = x[..., :dim]
+    return l2_normalize(x) if flags.normalize_embeddings else x
+
+
+def _mrl_mean(loss_at, dims: tuple[int, ...], width: int) -> jax.Array:
+    """The mean of loss_at(d) over dims (AbsEmbedderModel.forward's MRL loss: summed, divided by len(mrl_dims))."""
+    return sum(loss_at(min(d, width)) for d in dims) / len(dims)
 
 
 # ----------------------------------------------------------------------------------------------- over the model
@@ -366,16 +408,21 @@ def freeze(state: Any, flags: LossConfig) -> Any:
 
 def encode(model, input_ids: jax.Array, attention_mask: jax.Array, flags: LossConfig,
            dropout_rng: jax.Array | None = None) -> dict:
-    """EncoderOnlyEmbedderM3Model._encode: dense [R, D], sparse vocabulary vectors [R, V], colbert [R, T-1, C].
+    """EncoderOnlyEmbedderM3Model._encode: dense [R, D], sparse vocabulary vectors [R, V], colbert [R, T-1, C]; with
+    MRL also the un-normalised dense_raw and (colbert_mrl_dims) colbert_raw, which mrl_truncate cuts.
     dropout_rng: a key turns on the model's dropout (training); None computes without it (parity)."""
     out = model(input_ids, attention_mask, pooling=flags.sentence_pooling_method, normalize=False,
                 dropout_rng=dropout_rng)
     cfg = model.config
     norm = l2_normalize if flags.normalize_embeddings else (lambda x: x)
     reps = {"dense": norm(out.dense)}
+    if flags.use_mrl:
+        reps["dense_raw"] = out.dense
     if flags.unified_finetuning:
         reps["sparse"] = sparse_vectors(input_ids, out.sparse, attention_mask, cfg.vocab_size, cfg.special_ids)
         reps["colbert"] = norm(out.colbert)
+        if flags.colbert_mrl_dims:
+            reps["colbert_raw"] = out.colbert
     return reps
 
 
