@@ -173,7 +173,8 @@ def train(args) -> int:
                    num_train_epochs=args.num_train_epochs, max_steps=args.max_steps,
                    learning_rate=args.learning_rate, warmup_ratio=args.warmup_ratio, warmup_steps=args.warmup_steps,
                    weight_decay=args.weight_decay, max_grad_norm=args.max_grad_norm, bf16=args.bf16,
-                   remat=args.remat, fsdp=args.fsdp, dropout=not args.no_dropout, seed=args.seed,
+                   remat=args.remat, gradient_cache_chunk=args.gradient_cache_chunk, fsdp=args.fsdp,
+                   dropout=not args.no_dropout, seed=args.seed,
                    save_steps=args.save_steps, save_total_limit=args.save_total_limit, quiet=args.quiet)
         if args.reranker:
             cfg = RerankerTrainConfig(data=RerankerDataConfig(**data), **run)
@@ -220,7 +221,7 @@ def preflight(args) -> int:
                                                  query_max_len=args.query_max_len,
                                                  passage_max_len=max_length),
                                  per_device_batch_size=batch_size, bf16=args.dtype == "bfloat16",
-                                 fsdp=args.fsdp, remat=args.remat,
+                                 fsdp=args.fsdp, remat=args.remat, gradient_cache_chunk=args.gradient_cache_chunk,
                                  gradient_accumulation_steps=args.gradient_accumulation_steps)
             checks = train_checks(args.target, config, model=args.model, progress=show)
     except (TargetError, ValueError) as e:
@@ -338,6 +339,8 @@ def _add_preflight(sub) -> None:
     f.add_argument("--gradient-accumulation-steps", type=int, default=1, help="train")
     f.add_argument("--fsdp", action="store_true", help="train: shard parameters and optimiser state")
     f.add_argument("--remat", action="store_true", help="train: recompute each layer in the backward pass")
+    f.add_argument("--gradient-cache-chunk", type=int, default=None, metavar="ROWS",
+                   help="train: a gradient cache encoding this many rows at a time")
     f.set_defaults(func=preflight)
 
 
@@ -535,6 +538,8 @@ def _add_train(sub) -> None:
     t.add_argument("--bf16", action="store_true", help="bfloat16 compute, float32 master weights")
     t.add_argument("--remat", "--gradient-checkpointing", action="store_true", dest="remat",
                    help="recompute each layer in the backward pass (long passages)")
+    t.add_argument("--gradient-cache-chunk", type=int, default=None, metavar="ROWS",
+                   help="gradient cache: encode this many rows at a time (memory of a chunk, in-batch negatives kept)")
     t.add_argument("--fsdp", action="store_true", help="shard parameters and optimiser state over the devices")
     t.add_argument("--no-dropout", action="store_true", help="train without dropout (deterministic forward)")
     t.add_argument("--seed", type=int, default=42)

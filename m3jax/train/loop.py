@@ -82,6 +82,10 @@ class TrainConfig(OptimArgs):
       bf16: bfloat16 compute over float32 master weights.
       remat: recompute each encoder layer's activations in the backward pass (gradient_checkpointing): the memory
         of one layer instead of all, for long passages, at the cost of a second forward.
+      gradient_cache_chunk: take each micro-batch's gradient through a gradient cache, encoding this many rows at a
+        time (m3jax.train.loss.cached_value_and_grad): activation memory of a chunk, not of the micro-batch, with
+        the micro-batch's in-batch negatives kept (gradient accumulation loses them), at the cost of a second
+        forward. BGE-M3 only (a re-ranker's groups do not interact: use gradient_accumulation_steps).
       fsdp: shard parameters and optimiser state over the data axis (m3jax.train.sharding).
       dropout: train with the checkpoint's dropout rates (False: deterministic forward).
       seed: data order, sampling and dropout.
@@ -100,6 +104,7 @@ class TrainConfig(OptimArgs):
     max_steps: int = -1
     bf16: bool = False
     remat: bool = False
+    gradient_cache_chunk: int | None = None
     fsdp: bool = False
     dropout: bool = True
     seed: int = 42
@@ -118,6 +123,8 @@ class TrainConfig(OptimArgs):
                              f"{self.num_train_epochs})")
         if not self.learning_rate >= 0:
             raise ValueError(f"learning_rate must be >= 0, got {self.learning_rate}")
+        if self.gradient_cache_chunk is not None and self.gradient_cache_chunk < 1:
+            raise ValueError(f"gradient_cache_chunk must be >= 1 or None, got {self.gradient_cache_chunk}")
         for name, want in zip(("data", "loss"), self._field_types, strict=True):
             if not isinstance(getattr(self, name), want):
                 raise TypeError(f"{type(self).__name__}.{name} must be a {want.__name__}, got "
@@ -157,6 +164,12 @@ class RerankerTrainConfig(TrainConfig):
     loss: RerankerLossConfig = dataclasses.field(default_factory=RerankerLossConfig)
 
     _field_types = (RerankerDataConfig, RerankerLossConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.gradient_cache_chunk is not None:
+            raise ValueError("gradient_cache_chunk is for BGE-M3's in-batch negatives; a re-ranker's groups do not "
+                             "interact, so gradient_accumulation_steps bounds its memory")
 
     @property
     def task(self) -> Any:
@@ -525,7 +538,7 @@ def plan_step(cfg: Any, config: TrainConfig, mesh: Any, total_steps: int) -> Ste
     state_sh = tree_shardings(state, mesh, c.fsdp)
     opt_sh = tree_shardings(jax.eval_shape(tx.init, state), mesh, c.fsdp)
     static = dict(flags=c.loss, tx=tx, mesh=mesh if mesh.size > 1 else None, fsdp=c.fsdp, compute_dtype=compute,
-                  dropout=c.dropout)
+                  dropout=c.dropout, gradient_cache_chunk=c.gradient_cache_chunk)
     return StepPlan(graphdef, optim, tx, mesh, state_sh, opt_sh, static)
 
 

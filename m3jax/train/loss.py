@@ -449,6 +449,64 @@ def loss_fn(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, step: jax.Arr
     return m3_loss(q, p, batch["q_mask"], batch["p_mask"], batch.get("teacher_scores"), step, flags, axis_name)
 
 
+def cached_value_and_grad(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, step: jax.Array, flags: LossConfig,
+                          chunk: int, axis_name: str | None = None, dropout_rng: jax.Array | None = None
+                          ) -> tuple[tuple[jax.Array, dict], nnx.State]:
+    """((loss, parts), gradients with respect to state) of loss_fn, by a gradient cache (GradCache, Gao et al. 2021):
+    every query and passage is encoded `chunk` rows at a time without keeping activations; the loss and its gradient
+    with respect to those representations are taken; then each chunk is encoded again and its part of the parameter
+    gradient is the vector-Jacobian product with the representations' gradient. Peak memory is one chunk's
+    activations plus the batch's representations, not the whole batch's activations, and the result equals
+    jax.value_and_grad(loss_fn) to float32 rounding (the sums are ordered differently). Without dropout; with it,
+    each chunk draws its own masks (the same in both passes), so the draw differs from loss_fn's.
+
+    chunk: rows per encoder call (capped at the query and the passage counts, each of which it must divide).
+    """
+    frozen = lambda st: freeze(st, flags)  # noqa: E731
+    kq, kp = (None, None) if dropout_rng is None else tuple(jax.random.split(dropout_rng))
+
+    def chunked(ids, mask, key):
+        rows = ids.shape[0]
+        c = min(chunk, rows)
+        if rows % c:
+            raise ValueError(f"gradient cache: {rows} rows are not a whole number of chunks of {c}")
+        n = jnp.arange(rows // c)
+        keys = n if key is None else jax.vmap(lambda i: jax.random.fold_in(key, i))(n)  # chunk i: fold_in(key, i)
+        return ids.reshape(rows // c, c, -1), mask.reshape(rows // c, c, -1), keys, key is not None
+
+    def encode_chunk(st, ids, mask, key, keyed):
+        return encode(nnx.merge(graphdef, frozen(st)), ids, mask, flags, key if keyed else None)
+
+    def forward(ids, mask, key):
+        xs, ms, ks, keyed = chunked(ids, mask, key)
+        reps = jax.lax.map(lambda a: encode_chunk(state, *a, keyed), (xs, ms, ks))
+        return jax.tree_util.tree_map(lambda r: r.reshape(-1, *r.shape[2:]), reps)
+
+    q = jax.lax.stop_gradient(forward(batch["q_ids"], batch["q_mask"], kq))
+    p = jax.lax.stop_gradient(forward(batch["p_ids"], batch["p_mask"], kp))
+
+    def on_reps(q, p):
+        return m3_loss(q, p, batch["q_mask"], batch["p_mask"], batch.get("teacher_scores"), step, flags, axis_name)
+
+    (loss, parts), (gq, gp) = jax.value_and_grad(on_reps, argnums=(0, 1), has_aux=True)(q, p)
+
+    def backward(grads, ids, mask, key, cot):
+        xs, ms, ks, keyed = chunked(ids, mask, key)
+        cots = jax.tree_util.tree_map(lambda g: g.reshape(xs.shape[0], xs.shape[1], *g.shape[1:]), cot)
+
+        def body(acc, a):
+            *inputs, c = a
+            _, vjp = jax.vjp(lambda st: encode_chunk(st, *inputs, keyed), state)
+            return jax.tree_util.tree_map(jnp.add, acc, vjp(c)[0]), None
+
+        return jax.lax.scan(body, grads, (xs, ms, ks, cots))[0]
+
+    grads = jax.tree_util.tree_map(jnp.zeros_like, state)
+    grads = backward(grads, batch["q_ids"], batch["q_mask"], kq, gq)
+    grads = backward(grads, batch["p_ids"], batch["p_mask"], kp, gp)
+    return (loss, parts), grads
+
+
 @functools.partial(jax.jit, static_argnames=("graphdef", "flags", "mesh", "axis_name"))
 def value_and_grad(graphdef: nnx.GraphDef, state: nnx.State, batch: dict, step: jax.Array, flags: LossConfig,
                    mesh: jax.sharding.Mesh | None = None, axis_name: str = DATA_AXIS

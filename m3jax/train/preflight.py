@@ -28,7 +28,9 @@ def train_checks(target: str, config: TrainConfig, *, model: str | os.PathLike =
     kw = {} if buckets is None else {"buckets": tuple(buckets)}
     lq = bucket_lengths(config.data.query_max_len, **kw)[-1]
     lp = bucket_lengths(config.data.passage_max_len, **kw)[-1]
-    flags = "".join(f" {f}" for f, on in (("bf16", config.bf16), ("fsdp", config.fsdp), ("remat", config.remat)) if on)
+    flags = "".join(f" {f}" for f, on in (("bf16", config.bf16), ("fsdp", config.fsdp), ("remat", config.remat),
+                                          (f"cache/{config.gradient_cache_chunk}", config.gradient_cache_chunk))
+                    if on)
     name = f"train [{config.per_device_batch_size}x{config.data.train_group_size} x {lq}/{lp}]{flags}"
     check = timed_check(name, lp, config.per_device_batch_size * config.data.train_group_size, devices[0],
                         lambda: lower_step(cfg, config, mesh, lq, lp).compile())

@@ -87,13 +87,15 @@ def cast_params(state: Any, dtype: Any) -> Any:
         lambda kp, x: x if "LayerNorm" in param_path(kp) else x.astype(dtype), state)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "flags", "tx", "mesh", "fsdp", "compute_dtype", "dropout"),
+@functools.partial(jax.jit, static_argnames=("graphdef", "flags", "tx", "mesh", "fsdp", "compute_dtype", "dropout",
+                                             "gradient_cache_chunk"),
                    donate_argnames=("state", "opt_state"))
 def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.OptState, batches: dict,
                     step: jax.Array, rng: jax.Array, *, flags: LossConfig | RerankerLossConfig,
                     tx: optax.GradientTransformation,
                     mesh: jax.sharding.Mesh | None = None, fsdp: bool = False, compute_dtype: str = "float32",
-                    dropout: bool = True) -> tuple[nnx.State, optax.OptState, dict]:
+                    dropout: bool = True, gradient_cache_chunk: int | None = None
+                    ) -> tuple[nnx.State, optax.OptState, dict]:
     """One optimiser step over A micro-batches, as the HF Trainer takes it with gradient_accumulation_steps = A
     (the step fit() compiles, m3jax.train.loop.StepPlan; A = 1 is a plain step):
     each micro-batch its own forward (its own in-batch negatives), the gradients averaged over the A, then clip and
@@ -112,6 +114,9 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
       rng: a PRNG key; micro-batch i of step s (and device d) draws dropout from fold_in(fold_in(rng, s·A + i), d).
       fsdp: keep gradients, parameters and optimiser state in the FSDP layout (m3jax.train.sharding).
       dropout: apply the config's dropout rates (training, as torch's model.train()); False: exact forward.
+      gradient_cache_chunk: BGE-M3 only: each device takes its micro-batch's gradient through a gradient cache
+        (m3jax.train.loss.cached_value_and_grad), encoding this many rows at a time: memory bounded by the chunk, not
+        the micro-batch, with every in-batch negative kept. None: one forward and backward over the micro-batch.
     Returns (state, opt_state, metrics): loss and its parts (means over micro-batches), grad_norm (before
     clipping), tokens (real tokens in the step's batches).
     """
@@ -139,11 +144,36 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
                             in_specs=(P(), P(DATA_AXIS), P(), P()), out_specs=P(DATA_AXIS))
         return jax.tree_util.tree_map(lambda x: x.mean(0), per(cstate, micro, fwd_step, key))
 
+    def device_cached(cstate, micro, fwd_step, key):
+        from m3jax.train.loss import cached_value_and_grad
+
+        k = None
+        if dropout:
+            k = key if mesh is None else jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+        (loss, parts), g = cached_value_and_grad(graphdef, cstate, micro, fwd_step, flags, gradient_cache_chunk,
+                                                 None if mesh is None else DATA_AXIS, k)
+        if mesh is None:
+            return (loss, parts), g
+        return jax.tree_util.tree_map(lambda x: x[None], (loss, parts)), jax.lax.pmean(g, DATA_AXIS)
+
+    def micro_grad(state, micro, fwd_step, key):
+        """((loss, parts), gradient with respect to the float32 masters) of one micro-batch."""
+        if gradient_cache_chunk is None:
+            return jax.value_and_grad(micro_loss, has_aux=True)(state, micro, fwd_step, key)
+        cstate = cast_params(state, compute_dtype)
+        if mesh is None:
+            out, g = device_cached(cstate, micro, fwd_step, key)
+        else:
+            out, g = jax.shard_map(device_cached, mesh=mesh, in_specs=(P(), P(DATA_AXIS), P(), P()),
+                                   out_specs=(P(DATA_AXIS), P()))(cstate, micro, fwd_step, key)
+            out = jax.tree_util.tree_map(lambda x: x.mean(0), out)
+        # The compute copy's gradient, cast back: what differentiating through cast_params gives.
+        return out, jax.tree_util.tree_map(lambda gc, x: gc.astype(x.dtype), g, state)
+
     def body(gsum, xs):
         i, micro = xs
         fwd_step = step * A + i
-        (loss, parts), g = jax.value_and_grad(micro_loss, has_aux=True)(state, micro, fwd_step,
-                                                                         jax.random.fold_in(rng, fwd_step))
+        (loss, parts), g = micro_grad(state, micro, fwd_step, jax.random.fold_in(rng, fwd_step))
         return layout(jax.tree_util.tree_map(jnp.add, gsum, g)), (loss, parts)
 
     zeros = layout(jax.tree_util.tree_map(jnp.zeros_like, state))
