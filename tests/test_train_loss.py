@@ -497,3 +497,20 @@ def test_train_command_passes_the_mrl_flags(monkeypatch, tmp_path):
                      "--use-mrl", "--mrl-dims", "64", "256", "--colbert-mrl-dims", "128"]) == 0
     assert seen["config"].loss == LossConfig(unified_finetuning=True, use_mrl=True, mrl_dims=(64, 256),
                                              colbert_mrl_dims=(128,))
+
+
+def test_truncate_dim_serves_a_trained_width(release_dirs):
+    """At inference, BGEM3FlagModel(truncate_dim=d) gives what MRL trained: the first d features of the dense and
+    ColBERT vectors, normalised after the cut (mrl_truncate), not a cut of the normalised full vectors."""
+    from m3jax import BGEM3FlagModel
+    from m3jax.train.loss import mrl_truncate
+
+    texts = SENTENCES[:4]
+    full = BGEM3FlagModel(release_dirs["tiny"], normalize_embeddings=False).encode(texts, return_colbert_vecs=True)
+    cut = BGEM3FlagModel(release_dirs["tiny"], truncate_dim=8).encode(texts, return_colbert_vecs=True)
+    flags = LossConfig(use_mrl=True, mrl_dims=(8,))
+    np.testing.assert_allclose(cut["dense_vecs"], np.asarray(mrl_truncate(jnp.asarray(full["dense_vecs"]), 8, flags)),
+                               rtol=0, atol=1e-6)
+    for got, raw in zip(cut["colbert_vecs"], full["colbert_vecs"], strict=True):
+        np.testing.assert_allclose(got, np.asarray(mrl_truncate(jnp.asarray(raw), 8, flags)), rtol=0, atol=1e-6)
+    assert cut["dense_vecs"].shape == (4, 8)
