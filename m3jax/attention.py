@@ -100,6 +100,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl
         impl = "chunked" if q.shape[1] > CHUNK_THRESHOLD else "xla"
     elif impl == "auto":
         impl = choose_impl(q.shape[1], q.dtype)
+        if impl == "splash" and _manual_axes():
+            # Inside shard_map (the training step's per-device loss) splash's Pallas call does not type-check
+            # against the mapped axes: the blocked XLA path there.
+            impl = "chunked" if q.shape[1] > CHUNK_THRESHOLD else "xla"
     if impl == "tiled":
         return _tiled(q, k, v, mask)
     if impl == "xla":
@@ -112,6 +116,20 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, impl
         raise ValueError(f'attention impl "splash" takes lengths that are a multiple of {SPLASH_BLOCKS[-1]}, got '
                          f"{q.shape[1]} (q shape {q.shape})")
     return _per_shard(_splash, q, k, v, mask)
+
+
+def _manual_axes() -> tuple:
+    """The context mesh's axes that are manual here (inside shard_map over them), else ()."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return () if mesh.empty else tuple(mesh.manual_axes)
+
+
+def _varying_like(x: jax.Array, ref: jax.Array) -> jax.Array:
+    """x (built from constants) marked as varying over the manual axes ref varies over, so that a scan carry started
+    from it has the type of the body's outputs inside shard_map."""
+    mat = getattr(jax.typeof(ref), "manual_axis_type", None)
+    axes = tuple(sorted(getattr(mat, "varying", ()) or ()))
+    return jax.lax.pcast(x, axes, to="varying") if axes else x
 
 
 def _per_shard(kernel, q, k, v, mask):
@@ -190,8 +208,9 @@ def _chunked(q, k, v, mask, block_q: int = BLOCK_Q, block_k: int = BLOCK_K, drop
                                                      preferred_element_type=jnp.float32)
             return (m_new, l * corr + p.sum(-1), acc), None
 
-        init = (jnp.full((b, n, block_q), -1e30, jnp.float32), jnp.zeros((b, n, block_q), jnp.float32),
-                jnp.zeros((b, n, block_q, h), jnp.float32))
+        init = tuple(_varying_like(x, qb) for x in (jnp.full((b, n, block_q), -1e30, jnp.float32),
+                                                    jnp.zeros((b, n, block_q), jnp.float32),
+                                                    jnp.zeros((b, n, block_q, h), jnp.float32)))
         (_, l, acc), _ = jax.lax.scan(step, init, (kb, vb, bb, jnp.arange(nk)))
         return acc / l[..., None]
 

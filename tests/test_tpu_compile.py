@@ -132,6 +132,21 @@ def test_train_step_compiles_on_v5e_2x2_and_fits_with_fsdp(fsdp):
         assert check.memory.arguments > 6 * 2**30
 
 
+@pytest.mark.parametrize("dropout, cache", [(True, None), (False, None), (True, 2)],
+                         ids=["dropout", "no dropout", "gradient cache"])
+def test_train_step_compiles_at_long_lengths_on_a_mesh(dropout, cache):
+    """Past 512 tokens on a 4-chip mesh the step's per-device loss (inside shard_map) runs the blocked attention,
+    whose scan carries must vary over the data axis as its outputs do, and not splash, whose Pallas call does not
+    type-check there (tiny model, 1,024-token passages; with dropout, without, and through the gradient cache)."""
+    from m3jax.train import DataConfig, TrainConfig
+    from m3jax.train.preflight import train_checks
+
+    config = TrainConfig(data=DataConfig(train_group_size=2, query_max_len=32, passage_max_len=1024),
+                         per_device_batch_size=2, bf16=True, remat=True, dropout=dropout, gradient_cache_chunk=cache)
+    (check,) = train_checks("v5e:2x2", config, model="tiny")
+    assert check.ok, check.problem()
+
+
 def test_preflight_cli_passes_and_names_what_fails(capsys):
     """`m3jax preflight` prints one row per shape and exits 0 when all compile and fit; otherwise 1, naming each
     failing shape. v5e slices of 32 chips and more refuse an executable over one host's chips ("device assignment
