@@ -116,3 +116,18 @@ def test_compile_budget_timeline():
     # 2 threads: ready at 10, 10 and 22 (queued at 12); the devices end at 23. Busy 4 s either way.
     assert waits == [28.0, 19.0]
     assert budget.compile_waits(windows, lambda s: 0.0, lambda s: 1.0, threads=1, ahead=1) == 0.0
+
+
+def test_gradient_cache_memory_benchmark_runs_on_cpu(tmp_path):
+    """benchmarks/gradient_cache_memory.py's CPU mode at toy sizes: both variants run in their own process; the
+    cache's compiled step needs less memory than the plain one even here."""
+    r = run(["benchmarks/gradient_cache_memory.py", "cpu", "--length", "256", "--layers", "1", "--hidden", "64",
+             "--batch-size", "2", "--group-size", "4", "--float32"], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    plain, cached = (json.loads(line) for line in r.stdout.splitlines() if line.startswith("{"))
+    assert plain["cache"] is None and cached["cache"] == 1
+    for row in (plain, cached):
+        assert row["fits"] and row["peak_rss_bytes"] > 0 and row["step_s"] > 0 and row["loss"] > 0
+    assert abs(plain["loss"] - cached["loss"]) <= 1e-5 * plain["loss"]
+    assert cached["xla_temp_bytes"] < plain["xla_temp_bytes"]
+    assert "| CPU (run) |" in r.stdout

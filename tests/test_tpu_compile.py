@@ -132,12 +132,11 @@ def test_train_step_compiles_on_v5e_2x2_and_fits_with_fsdp(fsdp):
         assert check.memory.arguments > 6 * 2**30
 
 
-@pytest.mark.parametrize("dropout, cache", [(True, None), (False, None), (True, 2)],
-                         ids=["dropout", "no dropout", "gradient cache"])
+@pytest.mark.parametrize("dropout, cache", [(False, None), (True, 2)], ids=["no dropout", "dropout, gradient cache"])
 def test_train_step_compiles_at_long_lengths_on_a_mesh(dropout, cache):
     """Past 512 tokens on a 4-chip mesh the step's per-device loss (inside shard_map) runs the blocked attention,
     whose scan carries must vary over the data axis as its outputs do, and not splash, whose Pallas call does not
-    type-check there (tiny model, 1,024-token passages; with dropout, without, and through the gradient cache)."""
+    type-check there (tiny model, 1,024-token passages; without dropout, and with it through the gradient cache)."""
     from m3jax.train import DataConfig, TrainConfig
     from m3jax.train.preflight import train_checks
 
