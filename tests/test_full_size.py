@@ -25,13 +25,13 @@ def test_full_size_forward_matches_flagembedding(full_release, record_property):
     import FlagEmbedding
 
     fe = FlagEmbedding.BGEM3FlagModel(str(full_release), use_fp16=False, devices="cpu")
-    texts = SENTENCES[:5] + [long_text(220, seed=5)]  # six rows of six lengths, padded to ~416 tokens
+    texts = SENTENCES[:5] + [long_text(140, seed=5)]  # six rows of six lengths, the longest ~270 tokens
     batch, ref = flag_outputs(fe, texts)
     ref64 = flag_outputs_float64(fe, batch)
     del fe
     gc.collect()
     mask = batch["attention_mask"].numpy()
-    assert mask.sum(1).max() > 300 and len(set(mask.sum(1).tolist())) > 5
+    assert mask.sum(1).max() > 200 and len(set(mask.sum(1).tolist())) > 5
     cfg, ours = m3jax_outputs(full_release, batch)
     assert cfg == M3Config.bge_m3()
     report = check_parity(ours, ref, ref64, mask)

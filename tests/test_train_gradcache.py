@@ -31,7 +31,7 @@ def batch(seed, vocab=1000):
 
 @pytest.fixture(scope="module")
 def model():
-    return nnx.split(init_model(M3Config.tiny(vocab_size=1000), seed=1))
+    return nnx.split(init_model(M3Config.tiny(vocab_size=1000, num_layers=1), seed=1))
 
 
 def leaves(tree):
@@ -67,28 +67,27 @@ def test_cached_loss_and_gradients_equal_the_plain_ones(model, chunk):
 
 
 def test_step_with_the_cache_equals_the_plain_step(model):
-    """Two optimiser steps of two accumulated micro-batches each, bfloat16 compute over float32 masters: the
-    parameters after them and the logged metrics match the plain step's; with dropout on, the cached step runs and
-    moves the parameters (its masks differ from the plain step's by design)."""
+    """Two optimiser steps of two accumulated micro-batches each: the parameters after them and the logged metrics
+    match the plain step's (float32; bfloat16 compute reaches the masters through the same cast back, and the mesh
+    cases are in tests/test_train_sharding.py); with dropout on, the cached step runs and moves the parameters (its
+    masks differ from the plain step's by design)."""
     graphdef, state0 = model
-    graphdef_bf16 = nnx.split(init_model(M3Config.tiny(vocab_size=1000), dtype="bfloat16"))[0]
     tx = make_optimizer(state0, FLAGS, OptimConfig(num_training_steps=4, learning_rate=1e-3, adam_epsilon=1.0))
     stacked = [{k: np.stack([v, batch(10 + s)[k]]) for k, v in batch(s).items()} for s in range(2)]
     key = jax.random.key_data(jax.random.PRNGKey(0))
 
-    def run(cache, gd=graphdef, dtype="float32", dropout=False):
+    def run(cache, dropout=False):
         state = jax.tree_util.tree_map(jnp.array, state0)
         opt = tx.init(state)
         for s, b in enumerate(stacked):
-            state, opt, m = accumulate_step(gd, state, opt, b, jnp.int32(s), key, flags=FLAGS, tx=tx,
-                                            compute_dtype=dtype, dropout=dropout, gradient_cache_chunk=cache)
+            state, opt, m = accumulate_step(graphdef, state, opt, b, jnp.int32(s), key, flags=FLAGS, tx=tx,
+                                            dropout=dropout, gradient_cache_chunk=cache)
         return leaves(state), {k: float(v) for k, v in m.items()}
 
-    for gd, dtype, tol in ((graphdef, "float32", 1e-5), (graphdef_bf16, "bfloat16", 2e-2)):
-        (plain, mp), (cached, mc) = run(None, gd, dtype), run(2, gd, dtype)
-        moved = max(np.abs(plain[k] - np.asarray(v)).max() for k, v in leaves(state0).items())
-        worst = max(np.abs(plain[k] - cached[k]).max() for k in plain)
-        assert moved > 0 and worst <= tol * moved, (dtype, worst, moved)
-        assert mc["tokens"] == mp["tokens"] and abs(mc["loss"] - mp["loss"]) <= tol * abs(mp["loss"])
+    (plain, mp), (cached, mc) = run(None), run(2)
+    moved = max(np.abs(plain[k] - np.asarray(v)).max() for k, v in leaves(state0).items())
+    worst = max(np.abs(plain[k] - cached[k]).max() for k in plain)
+    assert moved > 0 and worst <= 1e-5 * moved, (worst, moved)
+    assert mc["tokens"] == mp["tokens"] and abs(mc["loss"] - mp["loss"]) <= 1e-5 * abs(mp["loss"])
     dropped, m = run(2, dropout=True)
     assert np.isfinite(m["loss"]) and any(np.abs(dropped[k] - plain[k]).max() > 0 for k in plain)

@@ -130,11 +130,14 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
     layout = (lambda t: t) if mesh is None else (
         lambda t: jax.lax.with_sharding_constraint(t, tree_shardings(t, mesh, fsdp)))
 
+    def dropout_key(key):  # this device's, inside shard_map; None without dropout
+        if not dropout:
+            return None
+        return key if mesh is None else jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
+
     def device_loss(cstate, micro, fwd_step, key):
-        k = None
-        if dropout:
-            k = key if mesh is None else jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
-        return flags.objective(graphdef, cstate, micro, fwd_step, None if mesh is None else DATA_AXIS, k)
+        return flags.objective(graphdef, cstate, micro, fwd_step, None if mesh is None else DATA_AXIS,
+                               dropout_key(key))
 
     def micro_loss(state, micro, fwd_step, key):
         cstate = cast_params(state, compute_dtype)
@@ -147,11 +150,8 @@ def accumulate_step(graphdef: nnx.GraphDef, state: nnx.State, opt_state: optax.O
     def device_cached(cstate, micro, fwd_step, key):
         from m3jax.train.loss import cached_value_and_grad
 
-        k = None
-        if dropout:
-            k = key if mesh is None else jax.random.fold_in(key, jax.lax.axis_index(DATA_AXIS))
         (loss, parts), g = cached_value_and_grad(graphdef, cstate, micro, fwd_step, flags, gradient_cache_chunk,
-                                                 None if mesh is None else DATA_AXIS, k)
+                                                 None if mesh is None else DATA_AXIS, dropout_key(key))
         if mesh is None:
             return (loss, parts), g
         return jax.tree_util.tree_map(lambda x: x[None], (loss, parts)), jax.lax.pmean(g, DATA_AXIS)
