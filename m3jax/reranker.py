@@ -119,8 +119,13 @@ def export_reranker(dst: str | os.PathLike, cfg: M3Config, params: Any, tokenize
     return Path(dst)
 
 
+def abstract_reranker(cfg: M3Config, *, dtype: Any = "float32") -> RerankerModel:
+    """The model's structure with shape-only parameters (no memory), as m3jax.model.abstract_model."""
+    return nnx.eval_shape(lambda: RerankerModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+
+
 def reranker_from_params(cfg: M3Config, params: Any, *, dtype: Any = "float32") -> RerankerModel:
-    graphdef, abstract = nnx.split(nnx.eval_shape(lambda: RerankerModel(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
+    graphdef, abstract = nnx.split(abstract_reranker(cfg, dtype=dtype))
     pure = nnx.to_pure_dict(abstract)
     cast = jax.tree_util.tree_map(lambda a, p: jnp.asarray(p, dtype=a.dtype), pure, dict(params))
     nnx.replace_by_pure_dict(abstract, cast)

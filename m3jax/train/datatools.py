@@ -48,14 +48,9 @@ def _row(source: str, line: int, raw: str) -> dict:
     return row
 
 
-def read_rows(sources: str | Sequence[str]) -> list[dict]:
-    """The input's rows, their texts checked as the training data's are ('neg' may be absent); a bad row is an error
-    naming file and line."""
-    return [_row(*x) for x in read_lines(list_files(sources))]
-
-
 def check_rows(files: Sequence[str]) -> int:
-    """Checks every row of files (as read_rows, without keeping them); returns their number."""
+    """Checks every row of files, their texts as the training data's are ('neg' may be absent), without keeping them
+    (a bad row is an error naming file and line); returns their number."""
     n = 0
     for x in read_lines(files):
         _row(*x)
@@ -301,4 +296,4 @@ def add_teacher_scores(input_file: str | Sequence[str], output_file: str | os.Pa
             "teacher": "reranker" if reranker is not None else f"m3 {list(weights)}"}
 
 
-__all__ = ["JobError", "Parts", "add_teacher_scores", "mine_hard_negatives", "read_rows", "write_rows"]
+__all__ = ["JobError", "Parts", "add_teacher_scores", "check_rows", "chunks", "mine_hard_negatives", "write_rows"]

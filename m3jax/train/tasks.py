@@ -67,11 +67,9 @@ class RerankerTask:
         return cfg, state, path
 
     def abstract(self, cfg: Any, dtype: str) -> Any:
-        from flax import nnx
+        from m3jax.reranker import abstract_reranker
 
-        from m3jax.reranker import RerankerModel
-
-        return nnx.eval_shape(lambda: RerankerModel(cfg, dtype=dtype, rngs=nnx.Rngs(0)))
+        return abstract_reranker(cfg, dtype=dtype)
 
     def collate_fn(self, cfg: Any) -> Any:
         from m3jax.train.data import collate_pairs
