@@ -105,6 +105,8 @@ def embed(args) -> int:
                      id_field=args.id_field, shard_size=args.shard_size, window=args.window,
                      window_tokens=args.window_tokens, dense_dtype=args.dense_dtype,
                      colbert_dtype=args.colbert_dtype, dtype=args.dtype, attn_impl=args.attn_impl,
+                     calibration_rows=args.calibration_rows, pool_factor=args.pool_factor,
+                     muvera="default" if args.muvera else None,
                      mcls_interval=args.mcls_interval, mesh=args.mesh, coordinator=args.coordinator,
                      num_processes=args.num_processes, process_id=args.process_id, quiet=args.quiet)
     except (EmbedError, InputError, ValueError) as e:
@@ -121,7 +123,10 @@ def evaluate(args) -> int:
                                top_k=args.top_k, rrf_k=args.rrf_k, metrics=args.metrics, output=args.output,
                                batch_size=args.batch_size, query_max_length=args.query_max_length,
                                passage_max_length=args.passage_max_length, dtype=args.dtype,
-                               rerank=args.rerank, rerank_depth=args.rerank_depth)
+                               rerank=args.rerank, rerank_depth=args.rerank_depth, rescore=args.rescore,
+                               compact={"dense_format": args.dense_format, "colbert_format": args.colbert_format,
+                                        "pool_factor": args.pool_factor,
+                                        "muvera": "default" if args.muvera else None})
     except (DatasetError, SettingsError) as e:
         print(f"m3jax eval: error: {e}", file=sys.stderr)
         return 2
@@ -433,6 +438,15 @@ def _add_eval(sub) -> None:
     v.add_argument("--query-max-length", type=int)
     v.add_argument("--passage-max-length", type=int)
     v.add_argument("--dtype", choices=["float32", "bfloat16"], help="default: bfloat16 on GPU / TPU, else float32")
+    v.add_argument("--dense-format", default="float", choices=["float", "int8", "binary"],
+                   help="score the corpus' dense vectors as int8 codes (ranges calibrated on the corpus) or binary "
+                        "codes, then rescored (see --no-rescore)")
+    v.add_argument("--colbert-format", default="float", choices=["float", "int8"])
+    v.add_argument("--pool-factor", type=int, default=1, help="ColBERT token pooling of the corpus (Ward)")
+    v.add_argument("--muvera", action="store_true",
+                   help="MUVERA FDEs of the corpus (fastembed's defaults), for mode muvera")
+    v.add_argument("--no-rescore", dest="rescore", action="store_false",
+                   help="compact dense: the code scores are the result; muvera: no MaxSim re-ranking")
     v.set_defaults(func=evaluate)
 
 
@@ -463,8 +477,17 @@ def _add_embed(sub) -> None:
                    help="texts sorted and batched together (default: 4096 on CPU, a whole shard on accelerators)")
     m.add_argument("--window-tokens", type=int, default=None,
                    help="most tokens in one window, which bounds host memory (default: 1M on CPU, 2M on accelerators)")
-    m.add_argument("--dense-dtype", default="float32", choices=["float32", "float16"])
-    m.add_argument("--colbert-dtype", default="float16", choices=["float32", "float16"])
+    m.add_argument("--dense-dtype", default="float32", choices=["float32", "float16", "int8", "binary"],
+                   help="int8: codes of calibrated ranges (see --calibration-rows); binary: sign bits, D / 8 bytes")
+    m.add_argument("--colbert-dtype", default="float16", choices=["float32", "float16", "int8"])
+    m.add_argument("--calibration-rows", type=int, default=1000,
+                   help="int8 outputs: the input's first rows, embedded to calibrate each dimension's range")
+    m.add_argument("--pool-factor", type=int, default=1,
+                   help="ColBERT token pooling: about tokens / N vectors per passage (Ward clustering; PyLate's "
+                        "pool_factor)")
+    m.add_argument("--muvera", action="store_true",
+                   help="add a `muvera` column: MUVERA FDEs of the ColBERT vectors, fastembed's defaults (k_sim 5, "
+                        "dim_proj 16, r_reps 20, seed 42)")
     m.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
     m.add_argument("--attn-impl", default="auto", choices=[*IMPLS, *ALIASES])
     m.add_argument("--mcls-interval", type=int, default=None, metavar="N",

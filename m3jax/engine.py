@@ -439,25 +439,25 @@ class Encoder:
 
     # ------------------------------------------------------------------------------------------------ run
     def executable(self, length: int, rows: int, heads: Sequence[str] = pipeline.HEADS,
-                   mcls_interval: int | None = None, out_dtypes: tuple[tuple[str, str], ...] = ()):
+                   mcls_interval: int | None = None, out_formats: tuple[tuple[str, Any], ...] = ()):
         """The compiled encode step for one bucket shape [rows, length] (of MCLS rows with mcls_interval; outputs
-        cast on the device per out_dtypes, see pipeline.encode_step), compiled ahead of time on first use (or
-        fetched from the persistent compilation cache); `compile_seconds` records how long each took. A shape
+        cast or quantized on the device per out_formats, see pipeline.encode_step), compiled ahead of time on first
+        use (or fetched from the persistent compilation cache); `compile_seconds` records how long each took. A shape
         being compiled in the background (prepare) is waited for: `compile_wait_s` adds up those waits and the
         compiles done here, the compile time on the caller's path."""
-        key, static = self._step_key(length, rows, heads, mcls_interval, out_dtypes)
+        key, static = self._step_key(length, rows, heads, mcls_interval, out_formats)
         t0 = time.perf_counter()
         exe = self._compiled_step(key, length, rows, static)
         self.compile_wait_s += time.perf_counter() - t0
         return exe
 
     def prepare(self, shapes: Iterable[tuple[int, int]], heads: Sequence[str] = pipeline.HEADS,
-                mcls_interval: int | None = None, out_dtypes: tuple[tuple[str, str], ...] = ()) -> None:
+                mcls_interval: int | None = None, out_formats: tuple[tuple[str, Any], ...] = ()) -> None:
         """Starts compiling the encode steps of these [rows, length] shapes in background threads
         (COMPILE_THREADS; XLA compiles without holding Python's lock), so that `executable` finds them compiled
         or under way. Shapes already compiled or under way are skipped."""
         for length, rows in shapes:
-            key, static = self._step_key(length, rows, heads, mcls_interval, out_dtypes)
+            key, static = self._step_key(length, rows, heads, mcls_interval, out_formats)
             with self._lock:
                 if key in self._compiled:
                     continue
@@ -466,7 +466,7 @@ class Encoder:
                                                                        thread_name_prefix="m3jax-compile")
             self._pool.submit(self._compiled_step, key, length, rows, static)
 
-    def _step_key(self, length, rows, heads, mcls_interval, out_dtypes) -> tuple[tuple, dict]:
+    def _step_key(self, length, rows, heads, mcls_interval, out_formats) -> tuple[tuple, dict]:
         heads = tuple(h for h in pipeline.HEADS if h in heads)
         static = dict(heads=heads, attn_impl=self.attn_impl, pooling=self.pooling, normalize=self.normalize,
                       truncate_dim=self.truncate_dim, special_ids=self.config.special_ids)
@@ -474,10 +474,10 @@ class Encoder:
         if mcls_interval is not None:  # the plain step keeps its key and its executable, exactly as without MCLS
             static["mcls_interval"] = mcls_interval
             key = (*key, mcls_interval)
-        out_dtypes = tuple((h, str(d)) for h, d in out_dtypes if h in heads and str(d) != "float32")
-        if out_dtypes:  # likewise: float32 outputs keep the plain key
-            static["out_dtypes"] = out_dtypes
-            key = (*key, out_dtypes)
+        out_formats = tuple((h, f) for h, f in out_formats if (h in heads or h == "muvera") and f != "float32")
+        if out_formats:  # likewise: float32 outputs keep the plain key
+            static["out_formats"] = out_formats
+            key = (*key, out_formats)
         return key, static
 
     def _compiled_step(self, key: tuple, length: int, rows: int, static: dict):
@@ -507,7 +507,7 @@ class Encoder:
         return exe
 
     def dispatch(self, batch: pipeline.Batch, heads: Sequence[str] = pipeline.HEADS,
-                 out_dtypes: tuple[tuple[str, str], ...] = ()) -> pipeline.EncodeOutputs:
+                 out_formats: tuple[tuple[str, Any], ...] = ()) -> pipeline.EncodeOutputs:
         """Starts one batch on the devices, and its outputs' copy to the host as soon as they are ready, and returns
         without waiting (device arrays, all rows)."""
         ids, mask = batch.input_ids, batch.attention_mask
@@ -516,7 +516,7 @@ class Encoder:
             ids, mask = (jax.make_array_from_process_local_data(self.row_sharding, x, shape) for x in (ids, mask))
         elif self.row_sharding is not None:
             ids, mask = jax.device_put((ids, mask), self.row_sharding)
-        exe = self.executable(shape[1], shape[0], heads, batch.mcls_interval, out_dtypes)
+        exe = self.executable(shape[1], shape[0], heads, batch.mcls_interval, out_formats)
         out = exe(self.state, ids, mask)
         for x in out:
             if x is not None and x.is_fully_addressable:
@@ -527,16 +527,16 @@ class Encoder:
         return out
 
     def run(self, batches: Iterable[pipeline.Batch], heads: Sequence[str] = pipeline.HEADS,
-            out_dtypes: tuple[tuple[str, str], ...] = ()) -> Iterator[tuple[pipeline.Batch, pipeline.EncodeOutputs]]:
+            out_formats: tuple[tuple[str, Any], ...] = ()) -> Iterator[tuple[pipeline.Batch, pipeline.EncodeOutputs]]:
         """Yields (batch, outputs on the host trimmed to the batch's real rows), keeping one batch in flight
-        ahead so the host's work on a result overlaps the next batch's compute. out_dtypes: outputs cast on the
-        device (see pipeline.encode_step)."""
+        ahead so the host's work on a result overlaps the next batch's compute. out_formats: outputs cast or
+        quantized on the device, MUVERA FDEs added (see pipeline.encode_step)."""
         heads = _check_heads(heads)
         if self.processes > 1:
             batches = self._lockstep(batches)
         pending = None
         for batch in batches:
-            current = (batch, self.dispatch(batch, heads, out_dtypes))
+            current = (batch, self.dispatch(batch, heads, out_formats))
             if pending is not None and len(pending[0].indices):
                 yield self._fetch(*pending)
             pending = current

@@ -13,10 +13,18 @@ real row, so with k <= num_docs they can never be returned.
 Modes: "dense", "sparse" (lexical), "colbert" (MaxSim, exhaustive) and "hybrid", the paper's pipeline: the top
 `candidates` by dense (first_stage="dense") or by w0 * dense + w1 * sparse (first_stage="dense+sparse"), reranked by
 w0 * dense + w1 * sparse + w2 * colbert (default weights 1, 0.3, 1; a zero weight drops that representation).
+
+Compact corpora (m3jax.compact; queries stay float, the index quantizes them): dense as int8 codes (calibration
+ranges) or binary codes, searched on the codes as sentence-transformers does (int8 dot products of the query
+quantized with the same ranges; Hamming similarity), then, with rescore, the top k * rescore_multiplier re-scored
+by the float query against the dequantized (int8) or unpacked {0, 1} (binary) passages; ColBERT as int8 codes,
+scored dequantized; "muvera": the top `candidates` by MUVERA FDE dot product (the index encodes the query's ColBERT
+vectors, fastembed's process_query), re-ranked by exact MaxSim when the index holds ColBERT vectors and rescore.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -30,16 +38,20 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from m3jax import scoring
+from m3jax import compact, scoring
 from m3jax._io import atomic_dir
+from m3jax.compact import MuveraConfig, formats
+from m3jax.compact.corpus import COLBERT_FORMATS, DENSE_FORMATS
 from m3jax.scoring import VOCAB_SIZE
 
-MODES = ("dense", "sparse", "colbert", "hybrid")
+MODES = ("dense", "sparse", "colbert", "hybrid", "muvera")
 FIRST_STAGES = ("dense", "dense+sparse")
-FIELDS = ("dense", "sparse_ids", "sparse_weights", "colbert", "colbert_mask")
-GROUPS = {"dense": ("dense",), "sparse": ("sparse_ids", "sparse_weights"), "colbert": ("colbert", "colbert_mask")}
+FIELDS = ("dense", "sparse_ids", "sparse_weights", "colbert", "colbert_mask", "muvera")
+GROUPS = {"dense": ("dense",), "sparse": ("sparse_ids", "sparse_weights"), "colbert": ("colbert", "colbert_mask"),
+          "muvera": ("muvera",)}
 DIMS = {"dense": "[N, D]", "sparse_ids": "[N, K]", "sparse_weights": "[N, K]", "colbert": "[N, T, C]",
-        "colbert_mask": "[N, T]"}
+        "colbert_mask": "[N, T]", "muvera": "[N, F]"}
+RESCORE_MULTIPLIER = 4  # sentence-transformers' semantic_search_faiss / _usearch default
 CHUNK_SIZE = 512
 FORMAT = "m3jax.CorpusIndex"
 FORMAT_VERSION = 1
@@ -56,12 +68,18 @@ class _Plan(NamedTuple):
     zero_floor: bool
     chunk: int
     vocab_size: int
+    dense_format: str = "float"
+    colbert_format: str = "float"
+    dense_dim: int = 0  # binary: the real bit count
 
 
-def _check_field(field: str, x: Any, dims: str, vocab_size: int, label: str | None = None) -> None:
-    """Rank and dtype of one of FIELDS; label names it in errors (default: the field)."""
+def _check_field(field: str, x: Any, dims: str, vocab_size: int, label: str | None = None, codes: bool = False
+                 ) -> None:
+    """Rank and dtype of one of FIELDS; label names it in errors (default: the field). codes: int8 codes."""
     label = label or field
-    if field == "sparse_ids":
+    if codes:
+        scoring.check_codes(label, x, dims)
+    elif field == "sparse_ids":
         scoring.check_ids(label, x, dims, vocab_size)
     elif field == "sparse_weights":
         scoring.check_weights(label, x, dims)
@@ -105,21 +123,29 @@ class CorpusIndex:
       vocab_size: the id range of sparse_ids.
       dtype: storage dtype for dense and colbert ("float32" or "bfloat16"); default: as given. Scores accumulate in
         float32 either way.
+      muvera: [N, F] MUVERA FDEs of the passages (m3jax.compact.fde), with muvera_config, for mode "muvera".
+      dense_format: "float"; "int8": dense holds int8 codes of int8_ranges["dense"]; "binary": dense holds binary
+        codes [N, ceil(dense_dim / 8)] (m3jax.compact.quantize).
+      colbert_format: "float"; "int8": colbert holds int8 codes of int8_ranges["colbert"].
+      dense_dim: binary only, the vectors' real size (default 8 x the code bytes).
     """
 
     def __init__(self, dense: Any = None, sparse_ids: Any = None, sparse_weights: Any = None, colbert: Any = None,
-                 colbert_mask: Any = None, *, doc_ids: Sequence | np.ndarray | None = None,
+                 colbert_mask: Any = None, *, muvera: Any = None, doc_ids: Sequence | np.ndarray | None = None,
                  devices: Sequence[jax.Device] | None = None, chunk_size: int = CHUNK_SIZE,
-                 vocab_size: int = VOCAB_SIZE, dtype: Any = None, texts: Sequence[str] | None = None):
+                 vocab_size: int = VOCAB_SIZE, dtype: Any = None, texts: Sequence[str] | None = None,
+                 dense_format: str = "float", colbert_format: str = "float", dense_dim: int | None = None,
+                 int8_ranges: Mapping[str, Any] | None = None, muvera_config: MuveraConfig | None = None):
         given = {"dense": dense, "sparse_ids": sparse_ids, "sparse_weights": sparse_weights, "colbert": colbert,
-                 "colbert_mask": colbert_mask}
+                 "colbert_mask": colbert_mask, "muvera": muvera}
         self.groups = _groups_given(given, "CorpusIndex")
         if not self.groups:
             raise ValueError("CorpusIndex: give at least one representation (dense, sparse_ids + sparse_weights, "
-                             "colbert + colbert_mask)")
+                             "colbert + colbert_mask, muvera)")
+        self._set_formats(dense_format, colbert_format, dense_dim, int8_ranges, muvera_config, given)
         arrays = {name: x for name, x in given.items() if x is not None}
         for name, x in arrays.items():
-            _check_field(name, x, DIMS[name], vocab_size)
+            _check_field(name, x, DIMS[name], vocab_size, codes=name in self._coded())
         arrays = {name: np.asarray(x) for name, x in arrays.items()}
         first = next(iter(arrays))
         self.num_docs = arrays[first].shape[0]
@@ -137,7 +163,8 @@ class CorpusIndex:
             dt = jnp.dtype(dtype)
             if dt not in scoring.VECTOR_DTYPES:
                 raise TypeError(f"CorpusIndex: dtype must be float32 or bfloat16, got {dtype!r}")
-            arrays = {n: x.astype(dt) if n in ("dense", "colbert") else x for n, x in arrays.items()}
+            arrays = {n: x.astype(dt) if n in ("dense", "colbert") and n not in self._coded() else x
+                      for n, x in arrays.items()}
         if "sparse_ids" in arrays:
             arrays["sparse_ids"] = arrays["sparse_ids"].astype(np.int32)
 
@@ -172,13 +199,51 @@ class CorpusIndex:
         arrays["valid"] = np.ones(self.num_docs, bool)
         self.corpus = {name: jax.device_put(_pad_rows(x, ndev * rows), sharding) for name, x in arrays.items()}
 
+    def _set_formats(self, dense_format: str, colbert_format: str, dense_dim: int | None, int8_ranges, muvera_config,
+                     given: dict) -> None:
+        if dense_format not in DENSE_FORMATS:
+            raise ValueError(f"CorpusIndex: dense_format must be one of {DENSE_FORMATS}, got {dense_format!r}")
+        if colbert_format not in COLBERT_FORMATS:
+            raise ValueError(f"CorpusIndex: colbert_format must be one of {COLBERT_FORMATS}, got {colbert_format!r}")
+        self.dense_format, self.colbert_format = dense_format, colbert_format
+        self.int8_ranges: dict[str, np.ndarray] = {}
+        for head, fmt in (("dense", dense_format), ("colbert", colbert_format)):
+            if fmt == "int8":
+                if int8_ranges is None or head not in int8_ranges:
+                    raise ValueError(f"CorpusIndex: {head}_format='int8' needs int8_ranges[{head!r}] (the [2, dim] "
+                                     "calibration ranges the codes were made with)")
+                self.int8_ranges[head] = formats.Int8(int8_ranges[head]).ranges
+        self.dense_dim = None
+        if given.get("dense") is not None:
+            width = given["dense"].shape[-1]
+            self.dense_dim = int(dense_dim or 8 * width) if dense_format == "binary" else int(width)
+            if -(-self.dense_dim // 8) != width and dense_format == "binary":
+                raise ValueError(f"CorpusIndex: binary dense codes of {width} bytes cannot hold dense_dim="
+                                 f"{self.dense_dim} bits")
+            if dense_format == "int8":
+                scoring.check_dim("dense dim D", "int8_ranges['dense']", self.int8_ranges["dense"].shape[1], "dense",
+                                  width)
+        if colbert_format == "int8" and given.get("colbert") is not None:
+            scoring.check_dim("ColBERT dim C", "int8_ranges['colbert']", self.int8_ranges["colbert"].shape[1],
+                              "colbert", given["colbert"].shape[-1])
+        if (given.get("muvera") is None) != (muvera_config is None):
+            raise ValueError("CorpusIndex: muvera (the FDEs) and muvera_config (their MuveraConfig) go together")
+        if muvera_config is not None:
+            scoring.check_dim("MUVERA FDE size F", "muvera_config.out_dim", muvera_config.out_dim, "muvera",
+                              given["muvera"].shape[-1])
+        self.muvera_config = muvera_config
+
+    def _coded(self) -> tuple[str, ...]:
+        """The fields that hold int8 codes."""
+        return tuple(h for h, f in (("dense", self.dense_format), ("colbert", self.colbert_format)) if f != "float")
+
     # -------------------------------------------------------------------------------------------- properties
     @property
     def dims(self) -> dict[str, int]:
         """Trailing sizes a query must match: D (dense) and C (colbert)."""
         out = {}
         if "dense" in self.corpus:
-            out["dense"] = self.corpus["dense"].shape[1]
+            out["dense"] = self.dense_dim
         if "colbert" in self.corpus:
             out["colbert"] = self.corpus["colbert"].shape[2]
         return out
@@ -191,15 +256,17 @@ class CorpusIndex:
     def search(self, queries: Mapping[str, Any] | Any, k: int, mode: str = "dense", *, candidates: int = 100,
                first_stage: str = "dense", weights: Sequence[float] = (1.0, 0.3, 1.0), zero_floor: bool = False,
                batch_size: int = 16, rerank: Any = None, rerank_depth: int = 100,
-               query_texts: Sequence[str] | None = None) -> tuple[np.ndarray, np.ndarray]:
+               query_texts: Sequence[str] | None = None, rescore: bool = True,
+               rescore_multiplier: int = RESCORE_MULTIPLIER) -> tuple[np.ndarray, np.ndarray]:
         """Top-k passages for each query.
 
         Args:
           queries: a dict (or an object with these attributes) of the query arrays the mode needs: dense [Q, D];
             sparse_ids, sparse_weights [Q, Kq]; colbert [Q, Tq, C], colbert_mask [Q, Tq].
           k: results per query, 1 <= k <= num_docs.
-          mode: "dense", "sparse", "colbert" or "hybrid".
-          candidates: hybrid only; first-stage candidates per query (raised to k, capped at num_docs).
+          mode: "dense", "sparse", "colbert", "hybrid" or "muvera" (an index with FDEs; queries give their ColBERT
+            vectors, which the index encodes).
+          candidates: hybrid and muvera; first-stage candidates per query (raised to k, capped at num_docs).
           first_stage: hybrid only; "dense" or "dense+sparse" (w0 * dense + w1 * sparse).
           weights: (dense, sparse, colbert) weights of the hybrid rerank; not normalised.
           zero_floor: ColBERT per-token max floored at 0 (FlagEmbedding compute_score) instead of the plain max.
@@ -208,6 +275,9 @@ class CorpusIndex:
             `compute_score(pairs) -> list of floats`): the mode's top rerank_depth passages (at least k) are scored
             with it against query_texts and the index's texts, and the top k of those scores returned.
           query_texts: [Q] the queries' texts, with rerank.
+          rescore: int8 or binary dense: re-score the top k * rescore_multiplier by the code search with the float
+            query (else the code scores are the result); muvera: re-rank the FDE candidates by exact MaxSim (when
+            the index holds ColBERT vectors).
         Returns:
           (scores [Q, k] float32, ids [Q, k]): doc_ids if the index has them, else int32 corpus positions; ranked by
           score descending, ties by lower corpus position (with rerank: its scores, ties by first-stage rank).
@@ -223,19 +293,30 @@ class CorpusIndex:
         w = scoring.check_mode_weights(weights)
         batch = scoring.check_positive("batch_size", batch_size)
         cand = scoring.check_positive("candidates", candidates)
+        multiplier = scoring.check_positive("rescore_multiplier", rescore_multiplier)
+        if mode == "muvera" and "muvera" not in self.groups:
+            raise ValueError("mode 'muvera' needs an index built with muvera FDEs (and muvera_config)")
+        if rerank is not None:
+            k_final, k = int(k), min(max(scoring.check_positive("rerank_depth", rerank_depth), int(k)),
+                                     self.num_docs)
+        # Two-stage searches of compact corpora run as a hybrid plan: first stage, then exact re-scoring.
+        if mode == "dense" and self.dense_format != "float" and rescore:
+            mode, first_stage, w, cand = "hybrid", "dense", (1.0, 0.0, 0.0), int(k) * multiplier
+        elif mode == "muvera" and rescore and "colbert" in self.groups:
+            mode, first_stage, w = "hybrid", "muvera", (0.0, 0.0, 1.0)
+        hybrid = mode == "hybrid"  # options a mode ignores are normalised away: one compiled search per real plan
         needed = self._needed(mode, first_stage, w)
         q = self._queries(queries, needed)
         nq = q["n"]
         del q["n"]
         if rerank is not None:
             self._check_rerank(rerank, query_texts, nq)
-            k_final, k = int(k), min(max(scoring.check_positive("rerank_depth", rerank_depth), int(k)),
-                                     self.num_docs)
-        hybrid = mode == "hybrid"  # options a mode ignores are normalised away: one compiled search per real plan
         plan = _Plan(mode=mode, k=int(k), candidates=min(max(cand, int(k)), self.num_docs) if hybrid else 0,
                      first_stage=first_stage if hybrid else "", weights=w if hybrid else (1.0, 1.0, 1.0),
                      zero_floor=bool(zero_floor) and "colbert" in needed, chunk=self.chunk,
-                     vocab_size=self.vocab_size)
+                     vocab_size=self.vocab_size, dense_format=self.dense_format, colbert_format=self.colbert_format,
+                     dense_dim=self.dense_dim or 0)
+        consts = {f"{h}_ranges": jnp.asarray(r) for h, r in self.int8_ranges.items() if h in needed}
         if nq == 0:
             k = k_final if rerank is not None else k
             empty_ids = np.zeros((0, k), self.doc_ids.dtype if self.doc_ids is not None else np.int32)
@@ -245,7 +326,7 @@ class CorpusIndex:
         scores, idx = [], []
         for start in range(0, nq, batch):
             block = {name: _pad_rows(x[start:start + batch], batch) for name, x in q.items()}
-            s, i = _search_block(corpus, block, mesh=self.mesh, plan=plan)
+            s, i = _search_block(corpus, block, consts, mesh=self.mesh, plan=plan)
             n = min(batch, nq - start)
             scores.append(np.asarray(s)[:n])
             idx.append(np.asarray(i)[:n])
@@ -277,7 +358,7 @@ class CorpusIndex:
 
     def _needed(self, mode: str, first_stage: str, w: tuple[float, float, float]) -> tuple[str, ...]:
         if mode == "hybrid":
-            needed = {"dense"} | ({"sparse"} if first_stage == "dense+sparse" else set())
+            needed = set(_FIRST_GROUPS[first_stage])
             needed |= {g for g, wi in zip(("dense", "sparse", "colbert"), w, strict=True) if wi != 0}
         else:
             needed = {mode}
@@ -293,7 +374,7 @@ class CorpusIndex:
 
         out, first = {}, None
         for group in needed:
-            for name in GROUPS[group]:
+            for name in GROUPS["colbert" if group == "muvera" else group]:  # the index encodes the FDEs
                 x = get(name)
                 if x is None:
                     raise ValueError(f"queries: this search needs {' and '.join(GROUPS[group])}; {name!r} is missing")
@@ -307,8 +388,8 @@ class CorpusIndex:
         if "dense" in out:
             scoring.check_dim("dense dim D", "the index", self.dims["dense"], "queries['dense']", out["dense"].shape[1])
         if "colbert" in out:
-            scoring.check_dim("ColBERT dim C", "the index", self.dims["colbert"], "queries['colbert']",
-                              out["colbert"].shape[2])
+            dim = self.dims["colbert"] if "colbert" in needed else self.muvera_config.dim
+            scoring.check_dim("ColBERT dim C", "the index", dim, "queries['colbert']", out["colbert"].shape[2])
             if out["colbert_mask"].shape != out["colbert"].shape[:2]:
                 raise ValueError(f"queries['colbert_mask']: expected shape {out['colbert'].shape[:2]}, got "
                                  f"{out['colbert_mask'].shape}")
@@ -317,6 +398,16 @@ class CorpusIndex:
                 raise ValueError(f"queries['sparse_ids'] and queries['sparse_weights'] must have one shape, got "
                                  f"{out['sparse_ids'].shape} and {out['sparse_weights'].shape}")
             out["sparse_ids"] = out["sparse_ids"].astype(np.int32)
+        if "muvera" in needed:
+            with jax.default_device(jax.devices("cpu")[0]):
+                out["muvera"] = np.asarray(compact.fde(jnp.asarray(out["colbert"], jnp.float32), out["colbert_mask"],
+                                                       self.muvera_config, query=True))
+            if "colbert" not in needed:
+                del out["colbert"], out["colbert_mask"]
+        if "dense" in out and self.dense_format != "float":
+            fmt = formats.Int8(self.int8_ranges["dense"]) if self.dense_format == "int8" else "binary"
+            with jax.default_device(jax.devices("cpu")[0]):
+                out["dense_codes"] = np.asarray(formats.apply(jnp.asarray(out["dense"], jnp.float32), fmt))
         out["n"] = first[1]
         return out
 
@@ -332,8 +423,11 @@ class CorpusIndex:
             arrays[name] = host.view(np.uint16) if host.dtype == jnp.bfloat16 else host
         if self.doc_ids is not None:
             arrays["doc_ids"] = self.doc_ids
+        arrays.update({f"{h}_ranges": r for h, r in self.int8_ranges.items()})
         meta = {"format": FORMAT, "version": FORMAT_VERSION, "num_docs": self.num_docs, "dtypes": dtypes,
-                "chunk_size": self.chunk_size, "vocab_size": self.vocab_size, "has_doc_ids": self.doc_ids is not None}
+                "chunk_size": self.chunk_size, "vocab_size": self.vocab_size, "has_doc_ids": self.doc_ids is not None,
+                "dense_format": self.dense_format, "colbert_format": self.colbert_format, "dense_dim": self.dense_dim,
+                "muvera_config": dataclasses.asdict(self.muvera_config) if self.muvera_config else None}
         with atomic_dir(path, overwrite) as tmp:
             for fname, write in (("arrays.npz", lambda f: np.savez(f, **arrays)),
                                  ("meta.json", lambda f: f.write(json.dumps(meta, indent=1).encode()))):
@@ -363,8 +457,12 @@ class CorpusIndex:
             if dt == "bfloat16":
                 arrays[name] = arrays[name].view(jnp.bfloat16)
         doc_ids = arrays.pop("doc_ids", None)
+        muvera = meta.get("muvera_config")
         return cls(**{name: arrays.get(name) for name in FIELDS}, doc_ids=doc_ids, devices=devices,
-                   chunk_size=chunk_size or meta["chunk_size"], vocab_size=meta["vocab_size"])
+                   chunk_size=chunk_size or meta["chunk_size"], vocab_size=meta["vocab_size"],
+                   dense_format=meta.get("dense_format", "float"), colbert_format=meta.get("colbert_format", "float"),
+                   dense_dim=meta.get("dense_dim"), muvera_config=MuveraConfig(**muvera) if muvera else None,
+                   int8_ranges={h: arrays[f"{h}_ranges"] for h in ("dense", "colbert") if f"{h}_ranges" in arrays})
 
 
 # ------------------------------------------------------------------------------------------------ device code
@@ -408,7 +506,27 @@ def _merge_devices(vals: jax.Array, idx: jax.Array, k: int) -> tuple[jax.Array, 
     return _top_k_by_key(vals, idx, k)
 
 
-def _scorer(plan: _Plan, q: dict, groups: tuple[str, ...]):
+_FIRST_GROUPS = {"dense": ("dense",), "dense+sparse": ("dense", "sparse"), "muvera": ("muvera",)}
+
+
+def _dense_codes_block(plan: _Plan, q: dict, codes: jax.Array) -> jax.Array:
+    """First-stage scores [B, P] of a compact dense chunk: int8 dot products of the codes, or equal bits."""
+    if plan.dense_format == "binary":
+        return compact.hamming_scores(q["dense_codes"], codes, plan.dense_dim)
+    return jnp.einsum("qd,pd->qp", q["dense_codes"], codes, preferred_element_type=jnp.int32).astype(jnp.float32)
+
+
+def _as_float(plan: _Plan, name: str, x: jax.Array, consts: dict) -> jax.Array:
+    """Stored dense / ColBERT vectors as float32 for exact scoring: int8 dequantized, binary unpacked to {0, 1}."""
+    fmt = plan.dense_format if name == "dense" else plan.colbert_format
+    if fmt == "int8":
+        return compact.dequantize_int8(x, consts[f"{name}_ranges"])
+    if fmt == "binary":
+        return compact.unpack_bits(x, plan.dense_dim)
+    return x
+
+
+def _scorer(plan: _Plan, q: dict, groups: tuple[str, ...], consts: dict):
     """score_fn for _stream_top_k: the weighted sum of the given groups' all-pairs scores."""
     w = dict(zip(("dense", "sparse", "colbert"), plan.weights, strict=True)) if len(groups) > 1 else {groups[0]: 1.0}
     if "sparse" in groups:
@@ -416,21 +534,26 @@ def _scorer(plan: _Plan, q: dict, groups: tuple[str, ...]):
 
     def score(c):
         total = 0.0
-        if "dense" in groups:
+        if "dense" in groups and plan.dense_format == "float":
             total = total + w["dense"] * scoring.dense_block(q["dense"], c["dense"])
+        elif "dense" in groups:
+            total = total + w["dense"] * _dense_codes_block(plan, q, c["dense"])
+        if "muvera" in groups:
+            total = total + scoring.dense_block(q["muvera"], c["muvera"])
         if "sparse" in groups:
             total = total + w["sparse"] * scoring.lexical_block(table, qm, c["sparse_ids"], c["sparse_weights"],
                                                                 plan.vocab_size)
         if "colbert" in groups:
             sub = functools.partial(scoring.maxsim, q["colbert"], q["colbert_mask"], zero_floor=plan.zero_floor)
-            total = total + w["colbert"] * scoring.map_chunks(sub, (c["colbert"], c["colbert_mask"]),
-                                                              scoring.COLBERT_CHUNK)
+            total = total + w["colbert"] * scoring.map_chunks(
+                lambda p, m: sub(_as_float(plan, "colbert", p, consts), m), (c["colbert"], c["colbert_mask"]),
+                scoring.COLBERT_CHUNK)
         return total
 
     return score
 
 
-def _rerank(plan: _Plan, q: dict, corpus: dict, local: jax.Array) -> jax.Array:
+def _rerank(plan: _Plan, q: dict, corpus: dict, local: jax.Array, consts: dict) -> jax.Array:
     """Hybrid scores of candidates [B, M] (this device's positions; others score 0, to be psum'd)."""
     rows = corpus["valid"].shape[0]
     own = (local >= 0) & (local < rows)
@@ -438,8 +561,8 @@ def _rerank(plan: _Plan, q: dict, corpus: dict, local: jax.Array) -> jax.Array:
     w_dense, w_sparse, w_colbert = plan.weights
     total = jnp.zeros(local.shape, jnp.float32)
     if w_dense:
-        d = jnp.einsum("bd,bmd->bm", q["dense"], corpus["dense"][li], precision=jax.lax.Precision.HIGHEST,
-                       preferred_element_type=jnp.float32)
+        d = jnp.einsum("bd,bmd->bm", q["dense"], _as_float(plan, "dense", corpus["dense"][li], consts),
+                       precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
         total = total + w_dense * d
     if w_sparse:
         s = scoring.lexical_pairs(q["sparse_ids"][:, None], q["sparse_weights"][:, None], corpus["sparse_ids"][li],
@@ -448,31 +571,33 @@ def _rerank(plan: _Plan, q: dict, corpus: dict, local: jax.Array) -> jax.Array:
     if w_colbert:
         def one(args):
             qc, qmask, lj = args
-            return scoring.maxsim(qc[None], qmask[None], corpus["colbert"][lj], corpus["colbert_mask"][lj],
-                                  plan.zero_floor)[0]
+            return scoring.maxsim(qc[None], qmask[None], _as_float(plan, "colbert", corpus["colbert"][lj], consts),
+                                  corpus["colbert_mask"][lj], plan.zero_floor)[0]
 
         total = total + w_colbert * jax.lax.map(one, (q["colbert"], q["colbert_mask"], li))
     return jnp.where(own, total, 0.0)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "plan"))
-def _search_block(corpus: dict, queries: dict, mesh: Mesh, plan: _Plan) -> tuple[jax.Array, jax.Array]:
-    """One padded query block against the sharded corpus: (scores [B, k] float32, corpus positions [B, k] int32)."""
+def _search_block(corpus: dict, queries: dict, consts: dict, mesh: Mesh, plan: _Plan
+                  ) -> tuple[jax.Array, jax.Array]:
+    """One padded query block against the sharded corpus: (scores [B, k] float32, corpus positions [B, k] int32).
+    consts: the int8 calibration ranges ("dense_ranges", "colbert_ranges") of coded fields, replicated."""
 
-    def local(c, q):
+    def local(c, q, consts):
         offset = jax.lax.axis_index("docs").astype(jnp.int32) * c["valid"].shape[0]
         b = next(iter(q.values())).shape[0]
         if plan.mode != "hybrid":
-            vals, idx = _stream_top_k(_scorer(plan, q, (plan.mode,)), c, b, plan.k, plan.chunk, offset)
+            vals, idx = _stream_top_k(_scorer(plan, q, (plan.mode,), consts), c, b, plan.k, plan.chunk, offset)
             return _merge_devices(vals, idx, plan.k)
-        first = ("dense", "sparse") if plan.first_stage == "dense+sparse" else ("dense",)
-        vals, idx = _stream_top_k(_scorer(plan, q, first), c, b, plan.candidates, plan.chunk, offset)
+        first = _FIRST_GROUPS[plan.first_stage]
+        vals, idx = _stream_top_k(_scorer(plan, q, first, consts), c, b, plan.candidates, plan.chunk, offset)
         _, idx = _merge_devices(vals, idx, plan.candidates)
-        scores = jax.lax.psum(_rerank(plan, q, c, idx - offset), "docs")
+        scores = jax.lax.psum(_rerank(plan, q, c, idx - offset, consts), "docs")
         return _top_k_by_key(_canonical(scores), idx, plan.k)
 
-    return jax.shard_map(local, mesh=mesh, in_specs=(P("docs"), P()), out_specs=(P(), P()), check_vma=False)(
-        corpus, queries)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P("docs"), P(), P()), out_specs=(P(), P()),
+                         check_vma=False)(corpus, queries, consts)
 
 
 __all__ = ["CorpusIndex", "MODES"]

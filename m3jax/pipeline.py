@@ -25,6 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from m3jax import compact
+
 logger = logging.getLogger("m3jax")
 
 # Quarter-octave steps up to 2,048 (at most 25% padding, 11% on average), then every 256 tokens up to 8,192 so a
@@ -220,6 +222,7 @@ class EncodeOutputs(NamedTuple):
     sparse_ids: jax.Array | None = None
     sparse_weights: jax.Array | None = None
     colbert: jax.Array | None = None
+    muvera: jax.Array | None = None  # [B, F] (an out_formats option, not a head)
 
 
 class RaggedOutputs(NamedTuple):
@@ -233,6 +236,7 @@ class RaggedOutputs(NamedTuple):
     sparse_weights: np.ndarray | None = None  # [sum] float32
     colbert_offsets: np.ndarray | None = None  # [B + 1] int64
     colbert: np.ndarray | None = None  # [sum, C]
+    muvera: np.ndarray | None = None  # [B, F]
 
     def sparse_row(self, r: int) -> tuple[np.ndarray, np.ndarray]:
         """Row r's (token ids, weights)."""
@@ -251,7 +255,7 @@ def unpad(out: EncodeOutputs, lengths: np.ndarray) -> RaggedOutputs:
     def offsets(counts):
         return np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    res = {"dense": out.dense}
+    res = {"dense": out.dense, "muvera": out.muvera}
     if out.sparse_ids is not None:
         keep = out.sparse_ids >= 0
         res.update(sparse_offsets=offsets(keep.sum(1)), sparse_ids=out.sparse_ids[keep].astype(np.int32),
@@ -267,15 +271,16 @@ def unpad(out: EncodeOutputs, lengths: np.ndarray) -> RaggedOutputs:
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "heads", "attn_impl", "pooling", "normalize",
                                              "truncate_dim", "special_ids", "mcls_interval", "projections",
-                                             "out_dtypes"))
+                                             "out_formats"))
 def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array, *,
                 heads: tuple[str, ...], attn_impl: str = "auto", pooling: str = "cls", normalize: bool = True,
                 truncate_dim: int | None = None, special_ids: tuple[int, ...] = (0, 1, 2, 3),
                 mcls_interval: int | None = None, projections: str = "xla",
-                out_dtypes: tuple[tuple[str, str], ...] = ()) -> EncodeOutputs:
+                out_formats: tuple[tuple[str, Any], ...] = ()) -> EncodeOutputs:
     """One padded batch through the model; returns only the requested heads (XLA prunes the rest).
-    projections: see BGEM3Model. out_dtypes: (("dense" or "colbert", dtype), ...), those outputs cast on the device
-    (a float16 ColBERT output is half the bytes to copy to the host), float32 otherwise.
+    projections: see BGEM3Model. out_formats: ((output, format), ...) (see m3jax.compact.formats): "dense" and
+    "colbert" cast or quantized on the device (a float16 ColBERT output is half the bytes to copy to the host, binary
+    dense a 32nd), float32 otherwise; ("muvera", MuveraConfig) adds the MUVERA FDE of each row's ColBERT vectors.
 
     mcls_interval: the rows are insert_cls layouts of this interval. Dense is then the mean of the hidden states at
     every CLS position; sparse drops the inserted `<s>` as every special id; ColBERT drops the inserted positions,
@@ -292,11 +297,17 @@ def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, 
         ids, weights = aggregate_sparse(input_ids, out.sparse, attention_mask, special_ids)
     if "colbert" in heads:
         colbert = out.colbert if inserted is None else drop_positions(out.colbert, inserted[:, 1:])
-    cast = dict(out_dtypes)
-    dense = out.dense.astype(cast.get("dense", jnp.float32)) if "dense" in heads else None
+    fmt = dict(out_formats)
+    muvera = None
+    if "muvera" in fmt:
+        vecs = out.colbert if inserted is None else drop_positions(out.colbert, inserted[:, 1:])
+        n = attention_mask[:, 1:].astype(jnp.int32).sum(1) - (0 if inserted is None else inserted.sum(1))
+        muvera = compact.fde(vecs.astype(jnp.float32), jnp.arange(vecs.shape[1])[None, :] < n[:, None],
+                             fmt["muvera"])
+    dense = compact.formats.apply(out.dense, fmt.get("dense", "float32")) if "dense" in heads else None
     if colbert is not None:
-        colbert = colbert.astype(cast.get("colbert", jnp.float32))
-    return EncodeOutputs(dense=dense, sparse_ids=ids, sparse_weights=weights, colbert=colbert)
+        colbert = compact.formats.apply(colbert, fmt.get("colbert", "float32"))
+    return EncodeOutputs(dense=dense, sparse_ids=ids, sparse_weights=weights, colbert=colbert, muvera=muvera)
 
 
 @dataclasses.dataclass

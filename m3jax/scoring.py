@@ -66,6 +66,10 @@ def check_vectors(name: str, x: Any, dims: str) -> None:
     _check(name, x, dims, VECTOR_DTYPES, "vectors")
 
 
+def check_codes(name: str, x: Any, dims: str) -> None:
+    _check(name, x, dims, (jnp.dtype(jnp.int8),), "int8 codes (m3jax.compact)")
+
+
 def check_ids(name: str, x: Any, dims: str, vocab_size: int = VOCAB_SIZE) -> None:
     _check(name, x, dims, ID_DTYPES, "token ids")
     if isinstance(x, np.ndarray) and x.size:

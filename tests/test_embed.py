@@ -646,7 +646,7 @@ def test_outputs_are_cast_on_the_device(model_dir):
     ids, _, _ = enc.tokenize(TEXTS[:9], 64)
     batches = list(enc.batches(ids, batch_size=4))
     wide = list(enc.run(batches))
-    narrow = list(enc.run(batches, out_dtypes=(("dense", "float16"), ("colbert", "float16"))))
+    narrow = list(enc.run(batches, out_formats=(("dense", "float16"), ("colbert", "float16"))))
     tokens = sum(b.input_ids.size for b in batches)
     per_token = {name: sum(o.dense.nbytes + o.colbert.nbytes for _, o in runs) / tokens
                  for name, runs in (("float32", wide), ("float16", narrow))}

@@ -378,3 +378,31 @@ def test_cli_end_to_end(synth, tmp_path, release):
                        timeout=600)
     line = len((bad / "qrels" / "test.tsv").read_text().splitlines())
     assert r.returncode == 2 and f"test.tsv line {line}: corpus-id 'missing' is not in corpus.jsonl" in r.stderr
+
+
+def test_evaluate_beir_on_a_compact_corpus(encoded, model):
+    """int8 dense and ColBERT, MUVERA: the runs of the compact index (tests/test_compact_index.py checks its scores
+    against their definitions); with every passage a candidate, rescoring ranks the whole corpus, so dense equals
+    the float query against the dequantized passages and MUVERA + MaxSim equals the exhaustive ColBERT run."""
+    from m3jax.compact import MuveraConfig, dequantize_int8
+
+    ds, queries, corpus, _ = encoded
+    cfg = MuveraConfig(dim=corpus.colbert.shape[-1], k_sim=3, dim_proj=8, r_reps=4)
+    compact = {"dense_format": "int8", "colbert_format": "int8", "muvera": cfg}
+    report = evaluate_beir(ds, model, modes="dense,colbert,muvera", corpus_embeddings=corpus, top_k=10,
+                           candidates=40, compact=compact, metrics="ndcg@10")
+    index = build_index(corpus, ds.corpus_ids, compact=compact)
+    assert report.runs == retrieve(index, queries, ds.query_ids, modes=("dense", "colbert", "muvera"), top_k=10,
+                                   candidates=40)
+    assert report.settings["compact"] == {"dense_format": "int8", "colbert_format": "int8",
+                                          "muvera": dataclasses.asdict(cfg)}
+    deq = np.asarray(dequantize_int8(index.corpus["dense"][:40], index.int8_ranges["dense"]), np.float64)
+    ref = queries.dense.astype(np.float64) @ deq.T  # 10 x 4 candidates = the whole corpus: rescoring ranks all
+    pos = {d: i for i, d in enumerate(ds.corpus_ids)}
+    for i, qid in enumerate(ds.query_ids):
+        row = np.where([d == qid for d in ds.corpus_ids], -np.inf, ref[i])
+        _assert_same_ranking(report.runs["dense"][qid], row, pos, 10, f"int8 dense {qid}")
+    for qid in ds.query_ids:
+        assert list(report.runs["muvera"][qid]) == list(report.runs["colbert"][qid])
+    with pytest.raises(ValueError, match="mode 'muvera' needs compact"):
+        evaluate_beir(ds, model, modes="muvera", corpus_embeddings=corpus)

@@ -92,7 +92,7 @@ class M3EmbedHandler(ModelHandler):
         out: list = []
         for w in windows:
             acc = WindowOutputs(w, s)
-            for b, o in model.run(w.batches, heads=s.outputs, out_dtypes=s.out_dtypes()):
+            for b, o in model.run(w.batches, heads=s.outputs, out_formats=s.out_formats()):
                 acc.add(b, o)
             out += acc.rows()
         return [PredictionResult(x, row, self.model_path) for x, row in zip(batch, out, strict=True)]

@@ -25,11 +25,14 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
+
+import numpy as np
 
 from m3jax import distributed, pipeline
 from m3jax._io import settings_diff
+from m3jax.compact import MuveraConfig, formats, int8_ranges
 from m3jax.embed import writer
 from m3jax.embed.planner import ShardEnd, Window, plan_windows
 from m3jax.embed.sink import ShardSink, WindowOutputs
@@ -68,10 +71,33 @@ class Settings:
     attn_impl: str = "auto"
     mcls_interval: int | None = None
     mesh: str = "host"  # "global": the processes drive one mesh in lockstep (see embed's `mesh`)
+    pool_factor: int = 1
+    muvera: MuveraConfig | None = None
+    calibration_rows: int = 1000  # int8 outputs: the first rows, embedded to calibrate the ranges
+    int8_ranges_sha256: str | None = None  # int8 outputs with ranges given instead of calibrated
 
-    def out_dtypes(self) -> tuple[tuple[str, str], ...]:
-        """The outputs' file dtypes, which the compiled step casts to on the device (Encoder.run's out_dtypes)."""
-        return (("dense", self.dense_dtype), ("colbert", self.colbert_dtype))
+    def int8_heads(self) -> tuple[str, ...]:
+        """The outputs stored as int8 codes, which need calibration ranges."""
+        return tuple(h for h in ("dense", "colbert") if h in self.outputs and getattr(self, f"{h}_dtype") == "int8")
+
+    def out_formats(self, ranges: dict | None = None) -> tuple[tuple[str, Any], ...]:
+        """The formats the compiled step gives its outputs (Encoder.run's out_formats); ranges: the int8 outputs'
+        calibration ranges. Pooled ColBERT vectors leave the device as float32, to be pooled, then stored."""
+        colbert = "float32" if self.pool_factor > 1 else self.colbert_format(ranges)
+        out = (("dense", self._format("dense", self.dense_dtype, ranges)), ("colbert", colbert))
+        return out + ((("muvera", self.muvera),) if self.muvera is not None else ())
+
+    def colbert_format(self, ranges: dict | None = None) -> Any:
+        return self._format("colbert", self.colbert_dtype, ranges)
+
+    @staticmethod
+    def _format(head: str, dtype: str, ranges: dict | None) -> Any:
+        if dtype != "int8":
+            return dtype
+        if not ranges or head not in ranges:
+            raise EmbedError(f"{head} as int8 needs calibration ranges (embed() calibrates them, or takes "
+                             "int8_ranges)")
+        return formats.Int8(ranges[head])
 
     def check(self, max_length_limit: int | None) -> None:
         if not self.outputs or set(self.outputs) - set(pipeline.HEADS):
@@ -85,9 +111,17 @@ class Settings:
         if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or not (
                 1 <= self.max_length <= (max_length_limit or self.max_length)):
             raise ValueError(f"max_length must be in 1 ... {max_length_limit}, got {self.max_length}")
-        for name in ("dense_dtype", "colbert_dtype"):
-            if getattr(self, name) not in ("float32", "float16"):
-                raise ValueError(f"{name} must be 'float32' or 'float16', got {getattr(self, name)!r}")
+        for name, allowed in (("dense_dtype", formats.DENSE_PRECISIONS), ("colbert_dtype", formats.COLBERT_PRECISIONS)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        for name in ("pool_factor", "calibration_rows"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if self.pool_factor > 1 and "colbert" not in self.outputs:
+            raise ValueError("pool_factor pools the ColBERT vectors: add 'colbert' to outputs")
+        if self.muvera is not None and not isinstance(self.muvera, MuveraConfig):
+            raise TypeError(f"muvera must be a m3jax.compact.MuveraConfig or None, got {self.muvera!r}")
         m = self.mcls_interval
         if m is not None and (isinstance(m, bool) or not isinstance(m, int) or m < 1):
             raise ValueError(f"mcls_interval must be a positive int or None, got {m!r}")
@@ -102,7 +136,9 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
           dense_dtype: str = "float32",
           colbert_dtype: str = "float16", text_field: str = "text", id_field: str | None = None,
           dtype: str = "float32", attn_impl: str = "auto", max_tokens_per_batch: int | None = None,
-          length_buckets: Sequence[int] | None = None, mcls_interval: int | None = None, devices: Any = None,
+          length_buckets: Sequence[int] | None = None, mcls_interval: int | None = None, pool_factor: int = 1,
+          muvera: MuveraConfig | str | None = None, calibration_rows: int = 1000,
+          int8_ranges: Mapping[str, Any] | None = None, devices: Any = None,
           mesh: str = "auto", coordinator: str | None = None,
           num_processes: int | None = None, process_id: int | None = None, quiet: bool = False,
           callback: Callable[[dict], None] | None = None) -> dict:
@@ -123,7 +159,19 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
       outputs: any of "dense", "sparse", "colbert".
       shard_size: input rows per shard file. window / window_tokens: the rows sorted and batched together (memory
         is bounded by a window's outputs: window_tokens x ColBERT dim); None: default_windows for the platform.
-      dense_dtype / colbert_dtype: "float32" or "float16" in the files (sparse weights are always float32).
+      dense_dtype / colbert_dtype: "float32" or "float16" in the files (sparse weights are always float32); or the
+        compact outputs of m3jax.compact, computed in the compiled step: "int8" (dense or ColBERT; codes of
+        calibration ranges, see below) or "binary" (dense; sentence-transformers' packed sign bits, D / 8 bytes).
+      calibration_rows / int8_ranges: int8 outputs quantize each dimension's range [min, max] into 256 bins. The
+        ranges come from int8_ranges ({"dense": [2, D], "colbert": [2, C]}, e.g. an earlier output's
+        EmbeddingReader.int8_ranges, so two corpora share them) or are calibrated on the input's first
+        calibration_rows rows (embedded once more for it; a resume reuses the recorded ranges). The manifest's
+        "compact" records them: queries must be quantized with the same ranges.
+      pool_factor: ColBERT token pooling (m3jax.compact.pool_tokens, PyLate's pool_factor): each passage's vectors
+        Ward-clustered into about tokens / pool_factor mean vectors, on the host, before their dtype is applied.
+      muvera: a m3jax.compact.MuveraConfig, or "default" (fastembed's defaults at the model's ColBERT width): adds a
+        `muvera` column, the MUVERA fixed-dimensional encoding of each passage's (unpooled) ColBERT vectors,
+        computed in the compiled step (fastembed's process_document).
       mcls_interval: multiple CLS, a `<s>` every that many text tokens, dense = mean of their hidden states (see
         m3jax.BGEM3.encode for what it does to max_length, sparse and ColBERT); the `tokens` column still counts
         each text's own tokens. None: plain BGE-M3.
@@ -154,7 +202,9 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
                         length_buckets=tuple(int(b) for b in length_buckets) if length_buckets else None,
                         shard_size=shard_size, window=window, window_tokens=window_tokens, dense_dtype=dense_dtype,
                         colbert_dtype=colbert_dtype, text_field=text_field, id_field=id_field, dtype=dtype,
-                        attn_impl=attn_impl, mcls_interval=mcls_interval, mesh=mesh)
+                        attn_impl=attn_impl, mcls_interval=mcls_interval, mesh=mesh, pool_factor=pool_factor,
+                        muvera=None if muvera == "default" else muvera, calibration_rows=calibration_rows,
+                        int8_ranges_sha256=_ranges_sha256(int8_ranges))
     if set(outputs) - set(pipeline.HEADS):
         raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {tuple(outputs)!r}")
     settings.check(None)
@@ -170,10 +220,17 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
     encoder = model if isinstance(model, Encoder) else _encoder(model, settings,
                                                                 "global" if mesh == "global" else devices)
     cfg = encoder.config
+    if muvera == "default":
+        settings = dataclasses.replace(settings, muvera=MuveraConfig(dim=cfg.colbert_dim))
     settings.check(cfg.max_length)  # now that the model's limit is known
     encoder.check_mcls(settings.max_length, settings.mcls_interval)
     dims = {"dense": cfg.hidden_size, "colbert": cfg.colbert_dim}
+    if settings.muvera is not None and settings.muvera.dim != cfg.colbert_dim:
+        raise ValueError(f"muvera: MuveraConfig.dim is {settings.muvera.dim}, the model's ColBERT vectors have "
+                         f"{cfg.colbert_dim}")
     job = _job_spec(settings, encoder, inputs, source_id)
+    if settings.int8_heads():
+        job["int8_ranges"] = _ranges(settings, int8_ranges, fs, root, job, inputs, source, encoder, dims, mesh)
 
     lock = writer.OutputLock(fs, root)
     if pid == 0:
@@ -195,7 +252,10 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
 def _job_spec(settings: Settings, encoder, inputs: list | None, source_id: str | None) -> dict:
     """_job.json: what decides the output (format, model, settings, input), and its key, a hash of the rest."""
     recorded = dataclasses.asdict(settings)
-    for name, default in (("mcls_interval", None), ("mesh", "host")):
+    if not settings.int8_heads() or settings.int8_ranges_sha256 is not None:
+        del recorded["calibration_rows"]
+    for name, default in (("mcls_interval", None), ("mesh", "host"), ("pool_factor", 1), ("muvera", None),
+                          ("int8_ranges_sha256", None)):
         if recorded[name] == default:  # plain runs keep the job key they had before these existed
             del recorded[name]
     job = {"format": writer.FORMAT, "version": writer.VERSION,
@@ -208,6 +268,55 @@ def _job_spec(settings: Settings, encoder, inputs: list | None, source_id: str |
     job = json.loads(json.dumps(job))  # tuples as lists, as they read back
     job["key"] = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
     return job
+
+
+def _ranges_sha256(given: Mapping[str, Any] | None) -> str | None:
+    if given is None:
+        return None
+    h = hashlib.sha256()
+    for head in sorted(given):
+        h.update(head.encode() + formats.Int8(given[head]).ranges.tobytes())
+    return h.hexdigest()[:16]
+
+
+def _ranges(settings: Settings, given: Mapping[str, Any] | None, fs, root: str, job: dict, inputs, source, encoder,
+            dims: dict, mesh: str) -> dict[str, list]:
+    """The int8 outputs' calibration ranges, as lists for _job.json: given, recorded by an earlier run of this job,
+    or calibrated on the input's first calibration_rows rows."""
+    heads = settings.int8_heads()
+    if given is not None:
+        missing = [h for h in heads if h not in given]
+        if missing:
+            raise EmbedError(f"int8_ranges: no ranges for {missing[0]!r}, which is stored as int8")
+        out = {}
+        for h in heads:
+            r = formats.Int8(given[h]).ranges
+            if r.shape[1] != dims[h]:
+                raise EmbedError(f"int8_ranges[{h!r}]: expected shape (2, {dims[h]}) (the model's {h} width), got "
+                                 f"{r.shape}")
+            out[h] = r.tolist()
+        return out
+    path = posixpath.join(root, writer.JOB_FILE)
+    old = writer.read_json(fs, path) if fs.exists(path) else None
+    if old is not None and old.get("key") == job["key"] and set(heads) <= set(old.get("int8_ranges", {})):
+        return {h: old["int8_ranges"][h] for h in heads}
+    if mesh == "global":
+        raise EmbedError("int8 outputs on a global mesh need int8_ranges given (calibration runs on one process)")
+    if inputs is not None:
+        rows = Rows(inputs, text_field=settings.text_field, id_field=settings.id_field)
+    elif isinstance(source, Sequence):
+        rows = Rows(iterable=source)
+    else:
+        raise EmbedError(f"int8 outputs calibrate on the first rows of the input, which a one-pass "
+                         f"{type(source).__name__} cannot give twice: pass a list or files, or int8_ranges")
+    try:
+        texts = [t for _, t in rows.take(settings.calibration_rows)]
+    finally:
+        rows.close()
+    res = encoder.encode(texts, batch_size=settings.batch_size, max_length=settings.max_length, heads=heads,
+                         mcls_interval=settings.mcls_interval)
+    calibration = {"dense": lambda: res.dense, "colbert": lambda: res.colbert_flat()[0]}
+    return {h: np.asarray(int8_ranges(calibration[h]())).tolist() for h in heads}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +339,15 @@ class _Job:
     def key(self) -> str:
         return self.spec["key"]
 
+    @property
+    def ranges(self) -> dict | None:
+        return self.spec.get("int8_ranges")
+
+    def schema(self):
+        s = self.settings
+        return writer.schema(s.outputs, self.dims, s.dense_dtype, s.colbert_dtype,
+                             s.muvera.out_dim if s.muvera is not None else None)
+
 
 def _run_job(job: _Job, quiet: bool, callback, t_start: float) -> dict:
     """embed() once the job is known and its output directory held: the resume scan, the loop, the manifest."""
@@ -251,11 +369,12 @@ def _run_job(job: _Job, quiet: bool, callback, t_start: float) -> dict:
         if callback is not None:
             callback({"shard": w.shard, "rows": rows, "shard_done": False})
 
-    sink = ShardSink(job.fs, job.root, writer.schema(s.outputs, job.dims, s.dense_dtype, s.colbert_dtype), job.key,
-                     on_shard)
-    feed = _Feed(_Prefetch(lambda: _produce(job.inputs, job.source, s, encoder, done, job.pid, job.nproc)))
+    sink = ShardSink(job.fs, job.root, job.schema(), job.key, on_shard)
+    out_formats = s.out_formats(job.ranges)
+    feed = _Feed(_Prefetch(lambda: _produce(job.inputs, job.source, s, encoder, done, job.pid, job.nproc,
+                                            out_formats)))
     try:
-        end = _write_all(encoder, feed, sink, s, stats, on_window)
+        end = _write_all(encoder, feed, sink, s, stats, on_window, out_formats, s.colbert_format(job.ranges))
     except BaseException:
         feed.prefetch.stop()
         sink.abort()
@@ -267,7 +386,7 @@ def _run_job(job: _Job, quiet: bool, callback, t_start: float) -> dict:
     distributed.barrier("shards")
     manifest = None
     if job.pid == 0:
-        manifest = _write_manifest(job.fs, job.root, job.spec, end.rows, s, job.dims, encoder, job.nproc)
+        manifest = _write_manifest(job, end.rows)
     distributed.barrier("manifest")
     if manifest is None:
         manifest = writer.read_json(job.fs, posixpath.join(job.root, writer.MANIFEST))
@@ -330,7 +449,7 @@ class _Feed:
 
 
 def _write_all(encoder, feed: _Feed, sink: ShardSink, settings: Settings, stats: _Stats,
-               on_window: Callable[[Window, int], None]) -> _End:
+               on_window: Callable[[Window, int], None], out_formats: tuple, colbert_format: Any) -> _End:
     """The loop: every batch through the encoder, each window written once all its batches are back, each shard
     committed at its end; returns the end marker (raises the reader's error after the shards before it)."""
 
@@ -341,11 +460,11 @@ def _write_all(encoder, feed: _Feed, sink: ShardSink, settings: Settings, stats:
                 sink.commit(item)
 
     acc: WindowOutputs | None = None
-    for batch, out in encoder.run(feed, heads=settings.outputs, out_dtypes=settings.out_dtypes()):
+    for batch, out in encoder.run(feed, heads=settings.outputs, out_formats=out_formats):
         commit_ended()
         w = feed.pending[0]
         if acc is None or acc.window is not w:
-            acc = WindowOutputs(w, settings)
+            acc = WindowOutputs(w, settings, colbert_format)
         acc.add(batch, out)
         stats.batch(batch)
         if acc.complete:
@@ -464,7 +583,7 @@ def _check_output(fs, root: str, job: dict, output) -> bool:
         raise EmbedError(f"output {output}: holds shards but no {writer.JOB_FILE}; not resumable, use a new "
                          "directory")
     raise EmbedError(f"output {output} was written by a different job; use a new --output directory or delete it. "
-                     f"Differences: {settings_diff(old, job, str(output), ignore=('key',))}")
+                     f"Differences: {settings_diff(old, job, str(output), ignore=('key', 'int8_ranges'))}")
 
 
 @dataclasses.dataclass
@@ -472,7 +591,7 @@ class _End:
     rows: int  # total input rows
 
 
-def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, nproc: int):
+def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, nproc: int, out_formats: tuple):
     """Windows and shard ends of this process's shards, in order, then _End (runs in the prefetch thread)."""
     rows = Rows(inputs, text_field=settings.text_field, id_field=settings.id_field) if inputs is not None else \
         Rows(iterable=source)
@@ -508,7 +627,7 @@ def _produce(inputs, source, settings: Settings, encoder, done: dict, pid: int, 
                     # New shapes compile in the background while the devices run the batches before them.
                     shapes = {(b.input_ids.shape[1], b.input_ids.shape[0] * encoder.processes): None
                               for w in windows for b in w.batches}
-                    encoder.prepare(shapes, settings.outputs, settings.mcls_interval, settings.out_dtypes())
+                    encoder.prepare(shapes, settings.outputs, settings.mcls_interval, out_formats)
                     yield from windows
                 taken += len(chunk)
                 if len(chunk) < want:
@@ -589,9 +708,9 @@ def _progress():
     return tqdm(desc="m3jax embed", unit=" texts", unit_scale=True, file=sys.stderr)
 
 
-def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Settings, dims: dict, encoder,
-                    nproc: int) -> dict:
+def _write_manifest(j: _Job, total_rows: int) -> dict:
     """Checks that shards 0 ... K-1 are all there and finished, then writes _manifest.json (process 0)."""
+    fs, root, job, settings, dims, encoder, nproc = j.fs, j.root, j.spec, j.settings, j.dims, j.encoder, j.nproc
     n_shards = -(-total_rows // settings.shard_size)
     finals, _ = writer.list_shards(fs, root)
     shards = []
@@ -612,9 +731,9 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
         logger.warning("%s: %d row(s) repeat the id of an earlier row (kept, counted in the manifest's duplicate_ids); "
                        "the first repeated id is %r, at rows %s", root, duplicates, dup_id, at)
     manifest = {**job, "model": {**job["model"], "dtype": settings.dtype},
-                "schema": {f.name: str(f.type) for f in writer.schema(settings.outputs, dims, settings.dense_dtype,
-                                                                       settings.colbert_dtype)},
+                "schema": {f.name: str(f.type) for f in j.schema()},
                 "dims": {h: dims[h] for h in settings.outputs if h in dims},
+                "compact": _compact(settings, j.ranges),
                 "vocab_size": encoder.config.vocab_size,
                 "empty_texts_policy": EMPTY_TEXTS,
                 "rows": total_rows, "tokens": sum(s["tokens"] for s in shards),
@@ -626,6 +745,15 @@ def _write_manifest(fs, root: str, job: dict, total_rows: int, settings: Setting
                             "platform": encoder.platform}}
     writer.write_json(fs, posixpath.join(root, writer.MANIFEST), manifest)
     return manifest
+
+
+def _compact(s: Settings, ranges: dict | None) -> dict:
+    """The manifest's record of the compact outputs: what a reader needs to score them."""
+    out = {"dense": s.dense_dtype, "colbert": s.colbert_dtype, "pool_factor": s.pool_factor,
+           "muvera": dataclasses.asdict(s.muvera) if s.muvera is not None else None}
+    if ranges:
+        out["int8_ranges"] = ranges
+    return out
 
 
 __all__ = ["EMPTY_TEXTS", "EmbedError", "InputError", "Settings", "embed"]

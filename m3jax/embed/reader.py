@@ -6,6 +6,10 @@
     vecs, offsets = r.colbert()    # [M, C] and [N + 1]: row i's vectors are vecs[offsets[i]:offsets[i + 1]]
     index = r.to_index()           # CorpusIndex with the row ids as doc_ids
     for table in r.iter_shards(): ...   # pyarrow Tables, in input order
+
+Compact outputs (`m3jax embed --dense-dtype int8|binary --colbert-dtype int8 --pool-factor --muvera`) read as stored:
+int8 or binary codes (`compact` says which, `int8_ranges` gives the calibration ranges), `muvera()` the FDEs; the
+index built by to_index scores them as CorpusIndex does (code search, then rescoring; MUVERA, then MaxSim).
 """
 
 from __future__ import annotations
@@ -36,6 +40,24 @@ class EmbeddingReader:
         self.outputs = tuple(manifest["settings"]["outputs"])
         self.dims = dict(manifest["dims"])
         self.vocab_size = int(manifest["vocab_size"])
+        settings = manifest["settings"]
+        self.compact = manifest.get("compact") or {"dense": settings["dense_dtype"],
+                                                    "colbert": settings["colbert_dtype"], "pool_factor": 1,
+                                                    "muvera": None}
+
+    @property
+    def int8_ranges(self) -> dict[str, np.ndarray]:
+        """{"dense" / "colbert": [2, dim] float32} the calibration ranges of the int8 outputs (queries are quantized
+        with these; embed(int8_ranges=...) gives them to another corpus)."""
+        return {h: np.asarray(r, np.float32) for h, r in self.compact.get("int8_ranges", {}).items()}
+
+    @property
+    def muvera_config(self):
+        """The MuveraConfig of the muvera column, or None."""
+        from m3jax.compact import MuveraConfig
+
+        cfg = self.compact.get("muvera")
+        return MuveraConfig(**cfg) if cfg else None
 
     def __len__(self) -> int:
         return int(self.manifest["rows"])
@@ -58,11 +80,11 @@ class EmbeddingReader:
             yield table
 
     def iter_dense(self, dtype: str | None = None) -> Iterator[np.ndarray]:
-        """[n_k, D] per shard."""
+        """[n_k, D] per shard (binary: [n_k, ceil(D / 8)] codes)."""
         self._need("dense")
+        dt = self._dtype("dense", dtype)
         for t in self.iter_shards(["dense"]):
-            d = _fixed(t.column("dense"), self.dims["dense"])
-            yield d if dtype is None else d.astype(dtype)
+            yield _fixed(t.column("dense"), self._width("dense")).astype(dt, copy=False)
 
     # ---------------------------------------------------------------------------------------------- arrays
     def ids(self) -> np.ndarray:
@@ -78,11 +100,12 @@ class EmbeddingReader:
         return self._scalar("truncated", bool)
 
     def dense(self, dtype: str | None = None, *, mmap: str | os.PathLike | None = None) -> np.ndarray:
-        """[N, D] (the stored dtype unless dtype is given). mmap: a local .npy path, filled shard by shard and
-        returned memory-mapped, so the host never holds more than one shard."""
+        """[N, D] (the stored dtype unless dtype is given; int8 and binary codes as stored, int8 [N, D] and
+        [N, ceil(D / 8)]). mmap: a local .npy path, filled shard by shard and returned memory-mapped, so the host
+        never holds more than one shard."""
         self._need("dense")
-        dt = np.dtype(dtype or self.manifest["settings"]["dense_dtype"])
-        shape = (len(self), self.dims["dense"])
+        dt = self._dtype("dense", dtype)
+        shape = (len(self), self._width("dense"))
         out = np.lib.format.open_memmap(os.fspath(mmap), mode="w+", dtype=dt, shape=shape) if mmap else \
             np.empty(shape, dt)
         i = 0
@@ -137,13 +160,16 @@ class EmbeddingReader:
             col = t.column("colbert").combine_chunks()
             counts.append(pc.list_value_length(col).to_numpy(zero_copy_only=False))
             vecs.append(_fixed(pc.list_flatten(col), C))
-        dt = np.dtype(dtype or self.manifest["settings"]["colbert_dtype"])
+        dt = self._dtype("colbert", dtype)
         counts = np.concatenate(counts).astype(np.int64) if counts else np.zeros(0, np.int64)
         flat = np.concatenate(vecs).astype(dt, copy=False) if vecs else np.zeros((0, C), dt)
         return flat, np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
 
-    def colbert_padded(self, dtype: str = "float32") -> tuple[np.ndarray, np.ndarray]:
-        """(colbert [N, T, C] zero padded, mask [N, T] bool), as EncodeResult holds them."""
+    def colbert_padded(self, dtype: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(colbert [N, T, C] zero padded, mask [N, T] bool), as EncodeResult holds them (float32 unless stored as
+        int8 codes, or dtype is given)."""
+        if dtype is None and self.compact["colbert"] != "int8":
+            dtype = "float32"
         flat, offsets = self.colbert(dtype)
         counts = np.diff(offsets)
         T = int(counts.max(initial=1))
@@ -157,25 +183,56 @@ class EmbeddingReader:
         kwargs go to CorpusIndex (devices, chunk_size, dtype)."""
         from m3jax.index import CorpusIndex
 
-        outputs = tuple(outputs or self.outputs)
+        outputs = tuple(outputs or self.outputs + (("muvera",) if self.muvera_config else ()))
         for h in outputs:
             self._need(h)
-        arrays = {}
+        arrays, c = {}, self.compact
         if "dense" in outputs:
-            arrays["dense"] = self.dense("float32")
+            arrays["dense"] = self.dense(None if c["dense"] in ("int8", "binary") else "float32")
+            kwargs.update(dense_format="float" if c["dense"].startswith("float") else c["dense"],
+                          dense_dim=self.dims["dense"])
         if "sparse" in outputs:
             arrays["sparse_ids"], arrays["sparse_weights"] = self.sparse_padded()
         if "colbert" in outputs:
             arrays["colbert"], arrays["colbert_mask"] = self.colbert_padded()
+            kwargs["colbert_format"] = "int8" if c["colbert"] == "int8" else "float"
+        if "muvera" in outputs:
+            arrays["muvera"], kwargs["muvera_config"] = self.muvera(), self.muvera_config
         kwargs.setdefault("vocab_size", self.vocab_size)
-        return CorpusIndex(**arrays, doc_ids=self.ids(), **kwargs)
+        return CorpusIndex(**arrays, doc_ids=self.ids(), int8_ranges=self.int8_ranges or None, **kwargs)
+
+    def muvera(self) -> np.ndarray:
+        """[N, F] float32 MUVERA FDEs (an output embedded with muvera=MuveraConfig(...))."""
+        self._need("muvera")
+        parts = [_fixed(t.column("muvera"), self.muvera_config.out_dim) for t in self.iter_shards(["muvera"])]
+        return _cat(parts, np.float32).reshape(-1, self.muvera_config.out_dim)
 
     # ------------------------------------------------------------------------------------------------ helpers
     def _scalar(self, name: str, dtype) -> np.ndarray:
         parts = [t.column(name).to_numpy() for t in self.iter_shards([name])]
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
+    def _width(self, head: str) -> int:
+        return -(-self.dims[head] // 8) if self.compact[head] == "binary" else self.dims[head]
+
+    def _dtype(self, head: str, dtype: str | None) -> np.dtype:
+        """The dtype to read a head as: as stored unless given; codes cannot be read as floats."""
+        stored = self.compact[head]
+        if stored in ("int8", "binary"):
+            if dtype is not None and np.dtype(dtype) != np.int8:
+                hint = ("m3jax.compact.dequantize_int8(codes, reader.int8_ranges[...])" if stored == "int8" else
+                        "m3jax.compact.unpack_bits(codes, dim)")
+                raise ValueError(f"{self.path}: {head} is stored as {stored} codes; read them as int8 (dtype=None) "
+                                 f"and decode with {hint}")
+            return np.dtype(np.int8)
+        return np.dtype(dtype or stored)
+
     def _need(self, head: str) -> None:
+        if head == "muvera":
+            if self.muvera_config is None:
+                raise ValueError(f"{self.path}: has no muvera output; embed with muvera=MuveraConfig(...) "
+                                 "(--muvera)")
+            return
         if head not in self.outputs:
             raise ValueError(f"{self.path}: has no {head} output (it holds {', '.join(self.outputs)}); rerun with "
                              f"--outputs including {head}")

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 from m3jax import pipeline
+from m3jax.compact import formats, pool_tokens
 from m3jax.embed import writer
 from m3jax.embed.planner import ShardEnd, Window
 
@@ -20,13 +21,17 @@ class WindowOutputs:
     """A window's outputs gathered batch by batch (ragged ones flat, already in the file dtypes), then put back in
     input order: as Arrow columns (a shard's) or as one dict per row (a Beam result's)."""
 
-    def __init__(self, w: Window, settings: Any):
+    def __init__(self, w: Window, settings: Any, colbert_format: Any = None):
+        """colbert_format: the stored ColBERT format applied here, after pooling (settings.pool_factor > 1), to the
+        float32 vectors the device sent; None: settings.colbert_dtype."""
         self.window, self.settings = w, settings
+        self.colbert_format = settings.colbert_dtype if colbert_format is None else colbert_format
         self.got = 0
         self.idx: list[np.ndarray] = []
         self.dense: list[np.ndarray] = []
         self.sparse: list[tuple] = []
         self.colbert: list[tuple] = []
+        self.muvera: list[np.ndarray] = []
 
     @property
     def complete(self) -> bool:
@@ -38,13 +43,22 @@ class WindowOutputs:
         idx = np.asarray(batch.indices)
         self.idx.append(idx)
         rows = pipeline.unpad(out, self.window.lengths[idx])
-        if rows.dense is not None:
-            self.dense.append(rows.dense.astype(self.settings.dense_dtype, copy=False))
+        if rows.dense is not None:  # in its stored format on the device already
+            self.dense.append(rows.dense.astype(formats.stored_dtype(self.settings.dense_dtype), copy=False))
+        if rows.muvera is not None:
+            self.muvera.append(rows.muvera.astype(np.float32, copy=False))
         if rows.sparse_ids is not None:
             self.sparse.append((np.diff(rows.sparse_offsets), rows.sparse_ids, rows.sparse_weights))
         if rows.colbert is not None:
-            vecs = rows.colbert.astype(self.settings.colbert_dtype, copy=False)  # cast on the device already
-            self.colbert.append((np.diff(rows.colbert_offsets), vecs))
+            counts, vecs = np.diff(rows.colbert_offsets), rows.colbert
+            pool = getattr(self.settings, "pool_factor", 1)
+            if pool > 1:
+                pooled = [pool_tokens(rows.colbert_row(r), pool) for r in range(len(counts))]
+                counts = np.array([len(p) for p in pooled], np.int64)
+                vecs = np.concatenate(pooled) if pooled else vecs[:0]
+                vecs = _on_host(vecs, self.colbert_format)
+            self.colbert.append((counts, vecs.astype(formats.stored_dtype(self.settings.colbert_dtype),
+                                                     copy=False)))
 
     def arrays(self) -> dict[str, np.ndarray]:
         """Input order: dense [n, d]; ragged outputs flat with their offsets [n + 1] ("sparse_offsets",
@@ -53,6 +67,8 @@ class WindowOutputs:
         out = {}
         if self.dense:
             out["dense"] = np.concatenate(self.dense)[perm]
+        if self.muvera:
+            out["muvera"] = np.concatenate(self.muvera)[perm]
         if self.sparse:
             counts = np.concatenate([c for c, _, _ in self.sparse])
             out["sparse_ids"], out["sparse_offsets"] = _ragged_take(
@@ -74,6 +90,9 @@ class WindowOutputs:
         if "dense" in a:
             d = a["dense"]
             cols["dense"] = pa.FixedSizeListArray.from_arrays(pa.array(d.reshape(-1)), d.shape[1])
+        if "muvera" in a:
+            m = a["muvera"]
+            cols["muvera"] = pa.FixedSizeListArray.from_arrays(pa.array(m.reshape(-1)), m.shape[1])
         if "sparse_ids" in a:
             cols["sparse_ids"] = writer.ragged(a["sparse_ids"], a["sparse_offsets"])
             cols["sparse_weights"] = writer.ragged(a["sparse_weights"], a["sparse_offsets"])
@@ -89,6 +108,8 @@ class WindowOutputs:
             row = {"id": w.ids[i], "tokens": int(w.lengths[i]), "truncated": bool(w.truncated[i])}
             if "dense" in a:
                 row["dense"] = a["dense"][i]
+            if "muvera" in a:
+                row["muvera"] = a["muvera"][i]
             if "sparse_ids" in a:
                 lo, hi = a["sparse_offsets"][i], a["sparse_offsets"][i + 1]
                 row["sparse_ids"], row["sparse_weights"] = a["sparse_ids"][lo:hi], a["sparse_weights"][lo:hi]
@@ -96,6 +117,14 @@ class WindowOutputs:
                 row["colbert"] = a["colbert"][a["colbert_offsets"][i]:a["colbert_offsets"][i + 1]]
             out.append(row)
         return out
+
+
+def _on_host(x: np.ndarray, fmt: Any) -> np.ndarray:
+    """formats.apply on the host's CPU (pooled vectors: the device has handed them over already)."""
+    import jax
+
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(formats.apply(x, fmt))
 
 
 def _ragged_take(values: np.ndarray, counts: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

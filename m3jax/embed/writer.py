@@ -6,6 +6,8 @@ Columns (any reader of Parquet takes them: pyarrow, pandas, datasets, DuckDB):
   id string; tokens int32 (with `<s>` and `</s>`); truncated bool;
   dense fixed_size_list<float32 | float16>[D]; sparse_ids list<int32> and sparse_weights list<float32> (unique token
   ids in order of first occurrence); colbert list<fixed_size_list<float16 | float32>[C]> (tokens - 1 vectors).
+  Compact outputs (the manifest's "compact" records them): dense int8 [D] (calibrated ranges) or binary, int8
+  [ceil(D / 8)]; colbert int8 [C] vectors, fewer of them with token pooling; muvera fixed_size_list<float32>[F].
 A shard is written under a temporary name (`_tmp.shard-00000.parquet`) and renamed when complete; its footer
 carries the job's settings hash, its index, first input row, counts and the sha256 of its input rows, so a resume
 can tell a finished shard from a foreign or stale file, and an unchanged input from an edited one. `_lock` marks a
@@ -39,18 +41,27 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}.parquet"
 
 
-def schema(outputs: tuple[str, ...], dims: dict[str, int], dense_dtype: str, colbert_dtype: str):
+def schema(outputs: tuple[str, ...], dims: dict[str, int], dense_dtype: str, colbert_dtype: str,
+           muvera_dim: int | None = None):
+    """The shards' schema. dims: the model's dense and ColBERT widths; dense_dtype / colbert_dtype: float32,
+    float16, int8 or (dense) binary, stored as int8 [ceil(D / 8)]; muvera_dim: a float32 `muvera` column."""
     import pyarrow as pa
+
+    from m3jax.compact import formats
+
+    def vector(fmt: str, dim: int):
+        return pa.list_(pa.from_numpy_dtype(np.dtype(formats.stored_dtype(fmt))), formats.stored_dim(fmt, dim))
 
     fields = [pa.field("id", pa.string(), nullable=False), pa.field("tokens", pa.int32(), nullable=False),
               pa.field("truncated", pa.bool_(), nullable=False)]
     if "dense" in outputs:
-        fields.append(pa.field("dense", pa.list_(pa.from_numpy_dtype(np.dtype(dense_dtype)), dims["dense"])))
+        fields.append(pa.field("dense", vector(dense_dtype, dims["dense"])))
     if "sparse" in outputs:
         fields += [pa.field("sparse_ids", pa.list_(pa.int32())), pa.field("sparse_weights", pa.list_(pa.float32()))]
     if "colbert" in outputs:
-        vec = pa.list_(pa.from_numpy_dtype(np.dtype(colbert_dtype)), dims["colbert"])
-        fields.append(pa.field("colbert", pa.list_(vec)))
+        fields.append(pa.field("colbert", pa.list_(vector(colbert_dtype, dims["colbert"]))))
+    if muvera_dim is not None:
+        fields.append(pa.field("muvera", pa.list_(pa.float32(), muvera_dim)))
     return pa.schema(fields)
 
 

@@ -5,6 +5,9 @@ and BEIR use. Modes:
   dense, sparse, colbert, hybrid  CorpusIndex.search in that mode (hybrid: the first `candidates` by dense, or by
                                   dense + w1 * sparse, reranked by w0 * dense + w1 * sparse + w2 * colbert).
   rrf                             reciprocal rank fusion of the dense, sparse and colbert runs (reciprocal_rank_fusion).
+  muvera                          the top `candidates` by MUVERA FDE, re-ranked by exact MaxSim (an index with FDEs).
+With a compact index (build_index's `compact`), dense, colbert and hybrid score the compact vectors as CorpusIndex
+does (int8 / binary code search, then rescoring with the float query).
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ import numpy as np
 from m3jax.api import apply_instruction
 from m3jax.evaluate.data import BeirDataset
 
-MODES = ("dense", "sparse", "colbert", "hybrid", "rrf")
+MODES = ("dense", "sparse", "colbert", "hybrid", "rrf", "muvera")
+DEFAULT_MODES = MODES[:5]  # muvera needs a corpus with FDEs (a compact setting)
 RRF_OF = ("dense", "sparse", "colbert")
 DEFAULT_WEIGHTS = (1.0, 0.3, 1.0)
 Run = dict[str, dict[str, float]]
@@ -40,6 +44,8 @@ def heads_for(modes: Sequence[str], weights: Sequence[float], first_stage: str =
     for mode in modes:
         if mode in ("dense", "sparse", "colbert"):
             need.add(mode)
+        elif mode == "muvera":
+            need.add("colbert")
         elif mode == "rrf":
             need.update(RRF_OF)
         else:
@@ -80,19 +86,24 @@ def encode_dataset(model, ds: BeirDataset, *, heads: Sequence[str], batch_size: 
     return queries, corpus
 
 
-def build_index(corpus, corpus_ids: Sequence[str], *, dtype=None):
-    """A CorpusIndex over whichever representations the EncodeResult holds, returning passage ids."""
+def build_index(corpus, corpus_ids: Sequence[str], *, dtype=None, compact: dict | None = None):
+    """A CorpusIndex over whichever representations the EncodeResult holds, returning passage ids. compact: the
+    keyword arguments of m3jax.compact.compact_corpus (dense_format, colbert_format, pool_factor, muvera) to store
+    dense and ColBERT compact."""
+    from m3jax.compact import compact_corpus
     from m3jax.index import CorpusIndex
 
-    return CorpusIndex(dense=corpus.dense, sparse_ids=corpus.sparse_ids, sparse_weights=corpus.sparse_weights,
-                       colbert=corpus.colbert, colbert_mask=corpus.colbert_mask, doc_ids=np.asarray(corpus_ids),
-                       dtype=dtype)
+    vectors = {"dense": corpus.dense, "colbert": corpus.colbert, "colbert_mask": corpus.colbert_mask}
+    if compact:
+        vectors = compact_corpus(**vectors, **compact)
+    return CorpusIndex(**vectors, sparse_ids=corpus.sparse_ids, sparse_weights=corpus.sparse_weights,
+                       doc_ids=np.asarray(corpus_ids), dtype=dtype)
 
 
-def retrieve(index, queries, query_ids: Sequence[str], *, modes: Sequence[str] = MODES, top_k: int = 100,
+def retrieve(index, queries, query_ids: Sequence[str], *, modes: Sequence[str] = DEFAULT_MODES, top_k: int = 100,
              weights: Sequence[float] = DEFAULT_WEIGHTS, rrf_k: float = 60, candidates: int = 100,
              first_stage: str = "dense", ignore_identical_ids: bool = True, batch_size: int = 16,
-             timings: dict | None = None) -> dict[str, Run]:
+             timings: dict | None = None, rescore: bool = True) -> dict[str, Run]:
     """Top-k runs {mode: run} of the encoded queries against a CorpusIndex built with doc_ids.
 
     top_k is capped at the corpus size. ignore_identical_ids drops a passage whose id is the query's own id from
@@ -110,12 +121,12 @@ def retrieve(index, queries, query_ids: Sequence[str], *, modes: Sequence[str] =
     corpus_ids = set(index.doc_ids.tolist())
     extra = int(ignore_identical_ids and any(q in corpus_ids for q in query_ids))
     search_k = min(top_k + extra, index.num_docs)
-    searched = [m for m in RRF_OF if m in modes or "rrf" in modes] + (["hybrid"] if "hybrid" in modes else [])
+    searched = [m for m in RRF_OF if m in modes or "rrf" in modes] + [m for m in ("hybrid", "muvera") if m in modes]
     runs: dict[str, Run] = {}
     for mode in searched:
         t0 = time.perf_counter()
         scores, ids = index.search(queries, search_k, mode, candidates=candidates, first_stage=first_stage,
-                                   weights=tuple(weights), batch_size=batch_size)
+                                   weights=tuple(weights), batch_size=batch_size, rescore=rescore)
         run = {}
         for qid, row_ids, row_scores in zip(query_ids, ids.tolist(), scores.tolist(), strict=True):
             ranked = [(d, s) for d, s in zip(row_ids, row_scores, strict=True)
@@ -156,6 +167,5 @@ def reciprocal_rank_fusion(runs: Sequence[Run], *, k: float = 60, depth: int | N
     return fused
 
 
-__all__ = ["DEFAULT_WEIGHTS", "MODES", "Run", "build_index", "check_modes", "encode_corpus", "encode_dataset",
-           "encode_queries", "heads_for",
-           "reciprocal_rank_fusion", "retrieve"]
+__all__ = ["DEFAULT_MODES", "DEFAULT_WEIGHTS", "MODES", "Run", "build_index", "check_modes", "encode_corpus",
+           "encode_dataset", "encode_queries", "heads_for", "reciprocal_rank_fusion", "retrieve"]

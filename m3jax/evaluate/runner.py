@@ -13,8 +13,8 @@ from typing import Any
 from m3jax.evaluate.data import BeirDataset, load_beir
 from m3jax.evaluate.metrics import DEFAULT_METRICS, check_metrics, compute_metrics, cutoff, metric_label
 from m3jax.evaluate.retrieve import (
+    DEFAULT_MODES,
     DEFAULT_WEIGHTS,
-    MODES,
     Run,
     build_index,
     check_modes,
@@ -117,21 +117,22 @@ def _versions() -> dict[str, str]:
 
 
 def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split: str = "test",
-                  modes: Sequence[str] | str = MODES, weights: Sequence[float] | str = DEFAULT_WEIGHTS,
+                  modes: Sequence[str] | str = DEFAULT_MODES, weights: Sequence[float] | str = DEFAULT_WEIGHTS,
                   top_k: int = 100, metrics: Sequence[str] | str = DEFAULT_METRICS, rrf_k: float = 60,
                   candidates: int = 100, first_stage: str = "dense", ignore_identical_ids: bool = True,
                   batch_size: int | None = None, query_max_length: int | None = None,
                   passage_max_length: int | None = None, dtype: str | None = None, index_dtype: str | None = None,
                   search_batch_size: int = 16, output: str | os.PathLike | None = None,
                   storage_options: dict | None = None, show_progress: bool | None = None,
-                  corpus_embeddings: Any = None, rerank: Any = None, rerank_depth: int = 100) -> EvalReport:
+                  corpus_embeddings: Any = None, rerank: Any = None, rerank_depth: int = 100,
+                  compact: dict | None = None, rescore: bool = True) -> EvalReport:
     """Evaluates BGE-M3 retrieval on one split of a BEIR-layout dataset, per mode.
 
     Args:
       dataset: a folder or fsspec URL (see load_beir), or a loaded BeirDataset.
       model: a BGEM3, or what BGEM3 loads (hub id, release or m3jax directory) with `dtype` (None: bfloat16 on an
         accelerator, float32 on CPU).
-      modes: some of dense, sparse, colbert, hybrid, rrf (list or "dense,sparse").
+      modes: some of dense, sparse, colbert, hybrid, rrf, muvera (list or "dense,sparse"); default all but muvera.
       weights: hybrid's (dense, sparse, colbert) weights, the paper's 1, 0.3, 1 by default.
       top_k: results per query (capped at the corpus size); a metric cut at K needs top_k >= K unless top_k
         covers the corpus.
@@ -147,6 +148,10 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
       rerank: a cross-encoder (m3jax.FlagReranker or anything with its compute_score) or what FlagReranker loads
         (a release directory or hub id): each mode's run is also re-ranked, its top rerank_depth passages re-scored
         against the query, and reported as "<mode>+rerank" beside the mode.
+      compact: store the corpus compact before searching it: m3jax.compact.compact_corpus' keyword arguments,
+        dense_format ("float", "int8", "binary"), colbert_format ("float", "int8"), pool_factor, muvera (a
+        MuveraConfig, or "default": fastembed's defaults at the model's ColBERT width; needed by mode "muvera").
+        int8 ranges are calibrated on the corpus. rescore: see CorpusIndex.search.
     """
     try:
         modes = check_modes(modes)
@@ -174,6 +179,14 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
                                 f"the corpus size, {len(ds.corpus_ids)})")
 
     heads = heads_for(modes, weights, first_stage)
+    compact = dict(compact or {})
+    unknown = set(compact) - {"dense_format", "colbert_format", "pool_factor", "muvera"}
+    if unknown:
+        raise SettingsError(f"compact: unknown setting {sorted(unknown)[0]!r}; expected dense_format, "
+                            "colbert_format, pool_factor, muvera")
+    compact = {k: v for k, v in compact.items() if v not in (None, "float", 1)}  # the defaults: float as encoded
+    if "muvera" in modes and not compact.get("muvera"):
+        raise SettingsError("mode 'muvera' needs compact={'muvera': MuveraConfig(...) or 'default'} (--muvera)")
     if corpus_embeddings is not None:
         _check_corpus_embeddings(corpus_embeddings, len(ds.corpus_ids), heads)
 
@@ -194,11 +207,15 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
                              show_progress=show_progress)
     timings["encode_queries_s"] = round(time.perf_counter() - t0, 3)
     t0 = time.perf_counter()
-    index = build_index(corpus, ds.corpus_ids, dtype=index_dtype)
+    if compact.get("muvera") == "default":
+        from m3jax.compact import MuveraConfig
+
+        compact["muvera"] = MuveraConfig(dim=corpus.colbert.shape[-1])
+    index = build_index(corpus, ds.corpus_ids, dtype=index_dtype, compact=compact)
     timings["index_s"] = round(time.perf_counter() - t0, 3)
     runs = retrieve(index, queries, ds.query_ids, modes=modes, top_k=top_k, weights=weights, rrf_k=rrf_k,
                     candidates=candidates, first_stage=first_stage, ignore_identical_ids=ignore_identical_ids,
-                    batch_size=search_batch_size, timings=timings)
+                    batch_size=search_batch_size, timings=timings, rescore=rescore)
     if rerank is not None:
         rerank = _reranker(rerank, dtype, timings)
         for mode in modes:
@@ -228,6 +245,8 @@ def evaluate_beir(dataset: str | os.PathLike | BeirDataset, model: Any, *, split
         "truncated_passages": int(corpus.truncated.sum()), "truncated_queries": int(queries.truncated.sum()),
         "rerank": None if rerank is None else str(getattr(rerank, "model_name_or_path", type(rerank).__name__)),
         "rerank_depth": rerank_depth if rerank is not None else None,
+        "compact": {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in compact.items()},
+        "rescore": rescore,
     }
     report = EvalReport(metrics=means, per_query=per_query, runs=runs, dataset=ds.stats(), settings=settings,
                         timings=timings)
