@@ -131,3 +131,19 @@ def test_gradient_cache_memory_benchmark_runs_on_cpu(tmp_path):
     assert abs(plain["loss"] - cached["loss"]) <= 1e-5 * plain["loss"]
     assert cached["xla_temp_bytes"] < plain["xla_temp_bytes"]
     assert "| CPU (run) |" in r.stdout
+
+
+def test_compact_fidelity_benchmark_runs(tmp_path):
+    """benchmarks/compact_fidelity.py's quick mode (the random model, 100 queries): every setting of the table,
+    exact search scoring 1.0 against itself, and sizes that shrink as the setting says."""
+    r = run(["benchmarks/compact_fidelity.py", "--quick", "--out", str(tmp_path / "cf")], tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((tmp_path / "cf" / "results.json").read_text())
+    rows = {row["setting"]: row for row in res["rows"]}
+    assert len(rows) == 14 and res["queries"] == 100
+    assert rows["dense float32 (exact)"]["recall@10"] == 1.0 and rows["ColBERT float16"]["recall@10"] > 0.95
+    size = {k: v["bytes_per_passage"] for k, v in rows.items()}
+    assert size["dense float32 (exact)"] == 4 * size["dense int8"] == 32 * size["dense binary"] == 1024
+    assert size["ColBERT float16"] == 2 * size["ColBERT int8"] > size["ColBERT pool 2"] > size["ColBERT pool 4"]
+    assert size["MUVERA FDE only"] == 20 * 32 * 16 * 4
+    assert all(0 <= v["recall@10"] <= 1 and 0 <= v["found@10"] <= 1 for v in rows.values())
