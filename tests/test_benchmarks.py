@@ -144,6 +144,7 @@ def test_compact_fidelity_benchmark_runs(tmp_path):
     assert rows["dense float32 (exact)"]["recall@10"] == 1.0 and rows["ColBERT float16"]["recall@10"] > 0.95
     size = {k: v["bytes_per_passage"] for k, v in rows.items()}
     assert size["dense float32 (exact)"] == 4 * size["dense int8"] == 32 * size["dense binary"] == 1024
-    assert size["ColBERT float16"] == 2 * size["ColBERT int8"] > size["ColBERT pool 2"] > size["ColBERT pool 4"]
+    assert abs(size["ColBERT float16"] - 2 * size["ColBERT int8"]) <= 1  # rounded to whole bytes
+    assert size["ColBERT float16"] > size["ColBERT pool 2"] > size["ColBERT pool 3"] > size["ColBERT pool 4"]
     assert size["MUVERA FDE only"] == 20 * 32 * 16 * 4
     assert all(0 <= v["recall@10"] <= 1 and 0 <= v["found@10"] <= 1 for v in rows.values())
