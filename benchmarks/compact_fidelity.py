@@ -15,7 +15,7 @@ vector.
 
     python benchmarks/compact_fidelity.py [--quick] [--out DIR]
 
---quick: the random model only, fewer queries (the test's toy run).
+--quick: the random model only, 32 wide, fewer queries (the test's toy run).
 """
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     rows, passages, queries = task_texts(args.quick)
     print(f"{len(passages)} passages, {len(queries)} queries", flush=True)
-    release = write_random_release(out / "random", M3Config.tiny(hidden_size=256, intermediate_size=512,
-                                                                  colbert_dim=256), seed=1)
+    width = dict(hidden_size=32, intermediate_size=64, colbert_dim=32) if args.quick else \
+        dict(hidden_size=256, intermediate_size=512, colbert_dim=256)
+    release = write_random_release(out / "random", M3Config.tiny(**width), seed=1)
     results = measure(*encode(release, passages, queries), "random", HELD_OUT)
     if not args.quick:
         results += measure(*encode(fine_tune(rows, out), passages, queries), "fine-tuned", HELD_OUT)

@@ -134,7 +134,7 @@ def test_gradient_cache_memory_benchmark_runs_on_cpu(tmp_path):
 
 
 def test_compact_fidelity_benchmark_runs(tmp_path):
-    """benchmarks/compact_fidelity.py's quick mode (the random model, 100 queries): every setting of the table,
+    """benchmarks/compact_fidelity.py's quick mode (a 32-wide random model, 100 queries): every setting of the table,
     exact search scoring 1.0 against itself, and sizes that shrink as the setting says."""
     r = run(["benchmarks/compact_fidelity.py", "--quick", "--out", str(tmp_path / "cf")], tmp_path)
     assert r.returncode == 0, r.stderr[-3000:]
@@ -143,7 +143,7 @@ def test_compact_fidelity_benchmark_runs(tmp_path):
     assert len(rows) == 14 and res["queries"] == 100
     assert rows["dense float32 (exact)"]["recall@10"] == 1.0 and rows["ColBERT float16"]["recall@10"] > 0.95
     size = {k: v["bytes_per_passage"] for k, v in rows.items()}
-    assert size["dense float32 (exact)"] == 4 * size["dense int8"] == 32 * size["dense binary"] == 1024
+    assert size["dense float32 (exact)"] == 4 * size["dense int8"] == 32 * size["dense binary"] == 4 * 32
     assert abs(size["ColBERT float16"] - 2 * size["ColBERT int8"]) <= 1  # rounded to whole bytes
     assert size["ColBERT float16"] > size["ColBERT pool 2"] > size["ColBERT pool 3"] > size["ColBERT pool 4"]
     assert size["MUVERA FDE only"] == 20 * 32 * 16 * 4

@@ -95,3 +95,9 @@ def test_direct_runner_pipeline_equals_embed(model_dir, job_rows, tmp_path):
                    for i in set(gs) ^ set(ws)), k
         np.testing.assert_allclose([gs[i] for i in set(gs) & set(ws)], [ws[i] for i in set(gs) & set(ws)],
                                    atol=1e-5, rtol=0, err_msg=k)
+
+
+def test_int8_outputs_are_refused_with_the_reason():
+    with pytest.raises(ValueError, match="dense as int8 needs calibration ranges, which a Beam pipeline has no pass"):
+        M3EmbedHandler("unused", dense_dtype="int8")
+    assert M3EmbedHandler("unused", dense_dtype="binary").settings.dense_dtype == "binary"

@@ -40,7 +40,7 @@ class M3EmbedHandler(ModelHandler):
     Args:
       model: m3jax or release directory, or hub id (read by each worker: a local path must exist there).
       outputs, max_length, batch_size, max_tokens_per_batch, length_buckets, dense_dtype, colbert_dtype, dtype,
-        attn_impl: as `m3jax embed` (the same defaults, so rows match the job's).
+        attn_impl: as `m3jax embed` (the same defaults, so rows match the job's; dense_dtype "binary" too, not int8).
       devices: see m3jax.engine.resolve_devices.
       min_batch_size, max_batch_size, max_batch_duration_secs: beam.BatchElements' hints; a Beam batch is one
         planning window, so larger batches pad less (its length buckets hold texts of similar length).
@@ -66,6 +66,9 @@ class M3EmbedHandler(ModelHandler):
         if set(outputs) - set(pipeline.HEADS):
             raise ValueError(f"outputs must be a non-empty subset of {pipeline.HEADS}, got {tuple(outputs)!r}")
         self.settings.check(None)
+        if self.settings.int8_heads():
+            raise ValueError(f"M3EmbedHandler: {self.settings.int8_heads()[0]} as int8 needs calibration ranges, which "
+                             "a Beam pipeline has no pass to calibrate; use `m3jax embed`, or binary / float16")
         self.devices = devices
 
     def load_model(self):
