@@ -229,8 +229,6 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
         raise ValueError(f"muvera: MuveraConfig.dim is {settings.muvera.dim}, the model's ColBERT vectors have "
                          f"{cfg.colbert_dim}")
     job = _job_spec(settings, encoder, inputs, source_id)
-    if settings.int8_heads():
-        job["int8_ranges"] = _ranges(settings, int8_ranges, fs, root, job, inputs, source, encoder, dims, mesh)
 
     lock = writer.OutputLock(fs, root)
     if pid == 0:
@@ -240,9 +238,11 @@ def embed(source: str | os.PathLike | Sequence[str] | Iterable, model: Any, outp
             lock.acquire(output)
         except writer.LockedError as e:
             raise EmbedError(str(e)) from None
-        if fresh:
-            writer.write_json(fs, posixpath.join(root, writer.JOB_FILE), job)
     try:
+        if settings.int8_heads():  # every process: given, recorded, or calibrated alike (deterministic)
+            job["int8_ranges"] = _ranges(settings, int8_ranges, fs, root, job, inputs, source, encoder, dims, mesh)
+        if pid == 0 and fresh:
+            writer.write_json(fs, posixpath.join(root, writer.JOB_FILE), job)
         return _run_job(_Job(fs, root, output, job, settings, encoder, inputs, source, dims, pid, nproc), quiet,
                         callback, t_start)
     finally:
@@ -313,6 +313,8 @@ def _ranges(settings: Settings, given: Mapping[str, Any] | None, fs, root: str, 
         texts = [t for _, t in rows.take(settings.calibration_rows)]
     finally:
         rows.close()
+    if not texts:
+        raise EmbedError("int8 outputs calibrate on the input's first rows, and the input has none")
     res = encoder.encode(texts, batch_size=settings.batch_size, max_length=settings.max_length, heads=heads,
                          mcls_interval=settings.mcls_interval)
     calibration = {"dense": lambda: res.dense, "colbert": lambda: res.colbert_flat()[0]}
