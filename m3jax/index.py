@@ -406,8 +406,7 @@ class CorpusIndex:
                 del out["colbert"], out["colbert_mask"]
         if "dense" in out and self.dense_format != "float":
             fmt = formats.Int8(self.int8_ranges["dense"]) if self.dense_format == "int8" else "binary"
-            with jax.default_device(jax.devices("cpu")[0]):
-                out["dense_codes"] = np.asarray(formats.apply(jnp.asarray(out["dense"], jnp.float32), fmt))
+            out["dense_codes"] = formats.apply_on_host(out["dense"], fmt)
         out["n"] = first[1]
         return out
 

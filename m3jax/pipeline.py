@@ -292,21 +292,19 @@ def encode_step(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, 
     out = nnx.merge(graphdef, state)(input_ids, attention_mask, attn_impl=attn_impl, pooling=pooling,
                                      normalize=normalize, truncate_dim=truncate_dim, cls_mask=cls,
                                      projections=projections)
-    ids = weights = colbert = None
+    fmt = dict(out_formats)
+    ids = weights = colbert = muvera = None
     if "sparse" in heads:
         ids, weights = aggregate_sparse(input_ids, out.sparse, attention_mask, special_ids)
-    if "colbert" in heads:
-        colbert = out.colbert if inserted is None else drop_positions(out.colbert, inserted[:, 1:])
-    fmt = dict(out_formats)
-    muvera = None
-    if "muvera" in fmt:
+    if "colbert" in heads or "muvera" in fmt:
         vecs = out.colbert if inserted is None else drop_positions(out.colbert, inserted[:, 1:])
-        n = attention_mask[:, 1:].astype(jnp.int32).sum(1) - (0 if inserted is None else inserted.sum(1))
-        muvera = compact.fde(vecs.astype(jnp.float32), jnp.arange(vecs.shape[1])[None, :] < n[:, None],
-                             fmt["muvera"])
+        if "muvera" in fmt:
+            n = attention_mask[:, 1:].astype(jnp.int32).sum(1) - (0 if inserted is None else inserted.sum(1))
+            muvera = compact.fde(vecs.astype(jnp.float32), jnp.arange(vecs.shape[1])[None, :] < n[:, None],
+                                 fmt["muvera"])
+        if "colbert" in heads:
+            colbert = compact.formats.apply(vecs, fmt.get("colbert", "float32"))
     dense = compact.formats.apply(out.dense, fmt.get("dense", "float32")) if "dense" in heads else None
-    if colbert is not None:
-        colbert = compact.formats.apply(colbert, fmt.get("colbert", "float32"))
     return EncodeOutputs(dense=dense, sparse_ids=ids, sparse_weights=weights, colbert=colbert, muvera=muvera)
 
 

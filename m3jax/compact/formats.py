@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from m3jax.compact.muvera import MuveraConfig
 from m3jax.compact.quantize import quantize
 
 DENSE_PRECISIONS = ("float32", "float16", "int8", "binary")
@@ -47,18 +46,6 @@ class Int8:
         return f"Int8(ranges of dim {self.ranges.shape[1]})"
 
 
-def check(name: str, fmt: Any) -> None:
-    """A clear error for a format that `name` ("dense", "colbert" or "muvera") cannot take."""
-    if name == "muvera":
-        if not isinstance(fmt, MuveraConfig):
-            raise TypeError(f"the muvera output's format must be a MuveraConfig, got {fmt!r}")
-        return
-    allowed = DENSE_PRECISIONS if name == "dense" else COLBERT_PRECISIONS
-    if isinstance(fmt, Int8) or fmt in allowed:
-        return
-    raise ValueError(f"{name} format must be one of {allowed} (int8 as compact.Int8(ranges)), got {fmt!r}")
-
-
 def apply(x: jax.Array, fmt: Any) -> jax.Array:
     """x [..., D] float vectors in format fmt (a dtype name, "binary" or Int8)."""
     if isinstance(fmt, Int8):
@@ -66,6 +53,12 @@ def apply(x: jax.Array, fmt: Any) -> jax.Array:
     if fmt == "binary":
         return quantize(x, "binary")
     return x.astype(jnp.dtype(fmt))
+
+
+def apply_on_host(x: Any, fmt: Any) -> np.ndarray:
+    """apply on the host's CPU, for vectors already on the host (pooled ColBERT vectors, queries of an index)."""
+    with jax.default_device(jax.devices("cpu")[0]):
+        return np.asarray(apply(jnp.asarray(x, jnp.float32), fmt))
 
 
 def stored_dim(fmt: Any, dim: int) -> int:
@@ -78,9 +71,4 @@ def stored_dtype(fmt: Any) -> str:
     return "int8" if isinstance(fmt, Int8) or fmt in ("int8", "binary") else str(fmt)
 
 
-def name(fmt: Any) -> str:
-    """The format as a settings string: "int8" for any Int8."""
-    return "int8" if isinstance(fmt, Int8) else str(fmt)
-
-
-__all__ = ["COLBERT_PRECISIONS", "DENSE_PRECISIONS", "Int8", "apply", "check", "name", "stored_dim", "stored_dtype"]
+__all__ = ["COLBERT_PRECISIONS", "DENSE_PRECISIONS", "Int8", "apply", "apply_on_host", "stored_dim", "stored_dtype"]

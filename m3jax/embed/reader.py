@@ -213,7 +213,9 @@ class EmbeddingReader:
         return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
 
     def _width(self, head: str) -> int:
-        return -(-self.dims[head] // 8) if self.compact[head] == "binary" else self.dims[head]
+        from m3jax.compact import formats
+
+        return formats.stored_dim(self.compact[head], self.dims[head])
 
     def _dtype(self, head: str, dtype: str | None) -> np.dtype:
         """The dtype to read a head as: as stored unless given; codes cannot be read as floats."""

@@ -56,7 +56,7 @@ class WindowOutputs:
                 pooled = [pool_tokens(rows.colbert_row(r), pool) for r in range(len(counts))]
                 counts = np.array([len(p) for p in pooled], np.int64)
                 vecs = np.concatenate(pooled) if pooled else vecs[:0]
-                vecs = _on_host(vecs, self.colbert_format)
+                vecs = formats.apply_on_host(vecs, self.colbert_format)
             self.colbert.append((counts, vecs.astype(formats.stored_dtype(self.settings.colbert_dtype),
                                                      copy=False)))
 
@@ -117,14 +117,6 @@ class WindowOutputs:
                 row["colbert"] = a["colbert"][a["colbert_offsets"][i]:a["colbert_offsets"][i + 1]]
             out.append(row)
         return out
-
-
-def _on_host(x: np.ndarray, fmt: Any) -> np.ndarray:
-    """formats.apply on the host's CPU (pooled vectors: the device has handed them over already)."""
-    import jax
-
-    with jax.default_device(jax.devices("cpu")[0]):
-        return np.asarray(formats.apply(x, fmt))
 
 
 def _ragged_take(values: np.ndarray, counts: np.ndarray, perm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
